@@ -1,0 +1,54 @@
+# Every target that needs Python first brings .venv up to date, so `make run` and `make test` work as the very first
+# command on a fresh machine. PYTHON picks the interpreter that builds the venv (3.11 or newer).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO_OUT := client/lstm_client/_proto
+
+.PHONY: help venv run test test-unit test-integration lint proto proto-check clean
+
+help:
+	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464)"
+	@echo "make test    run the whole test suite"
+	@echo "make lint    ruff + mypy + generated-code check"
+	@echo "make proto   regenerate the protobuf/gRPC code from proto/"
+
+$(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 needed (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ./client -e ./server -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/lstm-serve serve --model-dir models
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP) proto-check
+	$(BIN)/ruff check client server tests models
+	$(BIN)/ruff format --check client server tests models
+	$(BIN)/mypy
+
+proto: $(STAMP)
+	rm -rf $(PROTO_OUT)/lstm
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) proto/lstm/v1/lstm.proto
+	# protoc writes absolute imports ("from lstm.v1 import ..."); the code lives inside lstm_client._proto.
+	sed -i 's/^from lstm\.v1 import/from lstm_client._proto.lstm.v1 import/' $(PROTO_OUT)/lstm/v1/*.py
+	touch $(PROTO_OUT)/lstm/__init__.py $(PROTO_OUT)/lstm/v1/__init__.py
+
+# Regenerates into a scratch copy and fails when the checked-in code differs from what proto/ produces.
+proto-check: $(STAMP)
+	rm -rf .proto-check && mkdir -p .proto-check
+	cp -r $(PROTO_OUT) .proto-check/before
+	$(MAKE) --no-print-directory proto
+	diff -r -x __pycache__ .proto-check/before $(PROTO_OUT) || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+	rm -rf .proto-check
+
+clean:
+	rm -rf $(VENV) .proto-check .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""Python client for lstm-serve.
+
+    from lstm_client import Client
+
+    with Client("127.0.0.1:50051") as client, client.create_session("elnino") as session:
+        y = session.step([26.1])
+"""
+
+from lstm_client._calls import ModelFailure, ModelInfo, Prediction, RetryPolicy, SessionInfo
+from lstm_client.aio import AsyncClient, AsyncSession
+from lstm_client.client import Client, Session
+from lstm_client.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    LstmError,
+    NotFound,
+    ResourceExhausted,
+    SequenceError,
+    ServerError,
+    SessionGone,
+    Unavailable,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncClient",
+    "AsyncSession",
+    "Client",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "LstmError",
+    "ModelFailure",
+    "ModelInfo",
+    "NotFound",
+    "Prediction",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "SequenceError",
+    "ServerError",
+    "Session",
+    "SessionGone",
+    "SessionInfo",
+    "Unavailable",
+]

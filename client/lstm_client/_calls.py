@@ -1,0 +1,150 @@
+"""What the sync and async clients share: request building, response decoding, result types and the retry policy.
+
+The two clients differ only in how they wait (blocking vs `await`); everything they compute goes through here, so the
+twins stay thin and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from google.protobuf import duration_pb2
+
+from lstm_client._proto.lstm.v1 import lstm_pb2
+from lstm_client.errors import error_from_detail
+from lstm_client.tensor import FloatArray, from_tensor, to_tensor
+
+# Safe to resend because the server deduplicates by (session, seq) or the call changes nothing.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff between attempts; `attempts` counts the first try."""
+
+    attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+
+    def backoffs(self) -> Iterator[float]:
+        """Pauses before attempt 2, 3, ...; exhausted means give up."""
+        delay = self.initial_backoff
+        for _ in range(self.attempts - 1):
+            yield delay
+            delay = min(delay * self.multiplier, self.max_backoff)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    version: str
+    description: str
+    backend: str
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    output_size: int
+    input_features: tuple[str, ...]
+    output_features: tuple[str, ...]
+    normalized: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFailure:
+    name: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    seq: int
+    steps: int
+    created: datetime
+    last_used: datetime
+    idle_ttl: timedelta | None  # None: never expires by idleness
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    outputs: FloatArray  # [T, output_size]
+    h: FloatArray  # [num_layers, hidden_size]
+    c: FloatArray  # [num_layers, hidden_size]
+
+
+def model_info(msg: lstm_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=msg.name,
+        version=msg.version,
+        description=msg.description,
+        backend=msg.backend,
+        input_size=msg.input_size,
+        hidden_size=msg.hidden_size,
+        num_layers=msg.num_layers,
+        output_size=msg.output_size,
+        input_features=tuple(msg.input_features),
+        output_features=tuple(msg.output_features),
+        normalized=msg.normalized,
+    )
+
+
+def model_list(msg: lstm_pb2.ListModelsResponse) -> tuple[list[ModelInfo], list[ModelFailure]]:
+    return [model_info(m) for m in msg.models], [ModelFailure(f.name, f.error) for f in msg.failures]
+
+
+def session_info(msg: lstm_pb2.SessionInfo) -> SessionInfo:
+    ttl = msg.idle_ttl.ToTimedelta()
+    return SessionInfo(
+        session_id=msg.session_id,
+        model=msg.model,
+        seq=msg.seq,
+        steps=msg.steps,
+        created=msg.created.ToDatetime(tzinfo=UTC),
+        last_used=msg.last_used.ToDatetime(tzinfo=UTC),
+        idle_ttl=ttl if ttl > timedelta(0) else None,
+    )
+
+
+def create_session_request(
+    model: str, ttl: float | timedelta | None, session_id: str | None
+) -> lstm_pb2.CreateSessionRequest:
+    """`ttl` None keeps the server's default; 0 means never expire."""
+    req = lstm_pb2.CreateSessionRequest(model=model, session_id=session_id or "")
+    if ttl is not None:
+        duration = duration_pb2.Duration()
+        duration.FromTimedelta(ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl))
+        req.idle_ttl.CopyFrom(duration)
+    return req
+
+
+def step_request(session_id: str, seq: int, x: npt.ArrayLike) -> lstm_pb2.StepRequest:
+    return lstm_pb2.StepRequest(session_id=session_id, seq=seq, inputs=to_tensor(x))
+
+
+def step_outputs(reply: lstm_pb2.StepResponse | lstm_pb2.StepReply) -> FloatArray:
+    """Outputs of a step; an in-band stream error is raised as the matching LstmError."""
+    if isinstance(reply, lstm_pb2.StepReply) and reply.HasField("error"):
+        raise error_from_detail(reply.error)
+    return from_tensor(reply.outputs)
+
+
+def predict_request(
+    model: str, xs: npt.ArrayLike, h0: npt.ArrayLike | None, c0: npt.ArrayLike | None
+) -> lstm_pb2.PredictRequest:
+    req = lstm_pb2.PredictRequest(model=model, inputs=to_tensor(np.atleast_2d(np.asarray(xs))))
+    if h0 is not None:
+        req.h0.CopyFrom(to_tensor(h0))
+    if c0 is not None:
+        req.c0.CopyFrom(to_tensor(c0))
+    return req
+
+
+def prediction(msg: lstm_pb2.PredictResponse) -> Prediction:
+    return Prediction(outputs=from_tensor(msg.outputs), h=from_tensor(msg.h), c=from_tensor(msg.c))

@@ -1,0 +1,128 @@
+"""`lstm-serve serve | inspect | health`.
+
+The `serve` flags are generated from lstm_serve.config.Settings: each field is a --flag and an LSTM_SERVE_* variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from lstm_serve.config import Settings
+from lstm_serve.errors import ModelLoadError
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"LSTM_SERVE_{name.upper()}"
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        help_text = f"{field.description} [env {env}; default {default}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(field.annotation) is list or "list" in str(field.annotation):
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar="A,B", help=help_text)
+        else:
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lstm_serve import logs
+    from lstm_serve.app import App
+
+    try:
+        settings = settings_from_args(args)
+    except pydantic.ValidationError as exc:
+        print(f"lstm-serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_json)
+    asyncio.run(App(settings).run_until_signal())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lstm_serve.engine.npz import load_npz
+    from lstm_serve.engine.repository import CONFIG_FILE, ModelConfig
+
+    path: Path = args.path
+    lines = []
+    try:
+        if path.is_dir() and (path / CONFIG_FILE).is_file():
+            config = ModelConfig.read(path)
+            lines.append(f"model        {config.name} (version {config.version}, backend {config.backend})")
+            if config.description:
+                lines.append(f"description  {config.description}")
+            path = config.weights
+        w = load_npz(path)
+    except ModelLoadError as exc:
+        print(f"lstm-serve inspect: {exc.message}", file=sys.stderr)
+        return 1
+    arrays = [a for lw in w.layers for a in (lw.W_ih, lw.W_hh, lw.b_ih, lw.b_hh)] + list(w.head or ())
+    L, H = w.num_layers, w.hidden_size
+    lines += [
+        f"weights      {path}",
+        f"input        {w.input_size} features {list(w.input_features) or ''}",
+        f"layers       {L} x LSTM(hidden={H})",
+        f"head         {'linear ' + str(H) + ' -> ' + str(w.output_size) if w.head else 'none (outputs are h)'}",
+        f"output       {w.output_size} {list(w.output_features) or ''}",
+        f"normalized   {w.normalization is not None}",
+        f"parameters   {sum(a.size for a in arrays)}",
+        f"state        2 x {L} x {H} float32 = {2 * L * H * 4} bytes per session",
+    ]
+    print("\n".join(line.rstrip() for line in lines))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.target}: {exc.code().name} {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstm-serve", description="Stateful LSTM sequence prediction over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the models of a model repository")
+    _add_settings_flags(serve)
+    serve.set_defaults(func=_serve)
+    inspect = sub.add_parser("inspect", help="summarise a model directory or an .npz weights file")
+    inspect.add_argument("path", type=Path)
+    inspect.set_defaults(func=_inspect)
+    health = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 when SERVING")
+    health.add_argument("--target", default="127.0.0.1:50051")
+    health.add_argument("--service", default="", help="service name; empty = the whole server")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

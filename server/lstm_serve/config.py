@@ -1,0 +1,60 @@
+"""Server settings. Precedence: command-line flags > LSTM_SERVE_* environment variables > the defaults below.
+
+The CLI flags and docs/operations.md are generated from these fields, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on for gRPC (0.0.0.0 in a container).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_host: str = Field("127.0.0.1", description="Address for the Prometheus /metrics endpoint.")
+    metrics_port: int = Field(9464, ge=-1, le=65535, description="Port of /metrics; 0 picks a free one, -1 disables.")
+    model_dir: Path = Field(Path("models"), description="Model repository: one sub-directory per model.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Serve only these models (directory names); empty means all."
+    )
+    session_ttl: float = Field(
+        3600.0, ge=0, description="Default idle time-to-live of a session, seconds; 0 = never expire."
+    )
+    max_sessions: int = Field(
+        100_000, ge=1, description="Live sessions at most; creating one more evicts the least recently used."
+    )
+    ended_session_memory: float = Field(
+        3600.0, ge=0, description="Seconds to remember why a session ended (closed/expired/evicted) for NOT_FOUND."
+    )
+    sweep_interval: float = Field(5.0, gt=0, description="Seconds between sweeps for idle-expired sessions.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, bytes."
+    )
+    max_steps_per_request: int = Field(4096, ge=1, description="Time steps at most in one Step/Predict request.")
+    max_concurrent_rpcs: int = Field(
+        1024, ge=1, description="RPCs in progress at most; more are refused with RESOURCE_EXHAUSTED."
+    )
+    max_batch: int = Field(64, ge=1, description="Sessions at most in one batched backend call.")
+    max_batch_wait: float = Field(
+        0.0, ge=0, description="Seconds a busy batcher may wait to fill a batch; never waits when idle."
+    )
+    compute_threads: int = Field(
+        0, ge=0, description="Threads for model compute; 0 computes on the event loop (fastest for small models)."
+    )
+    shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(False, description="Log one JSON object per line.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """LSTM_SERVE_MODELS=a,b reads as ["a", "b"]."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value

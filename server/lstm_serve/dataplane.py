@@ -1,0 +1,194 @@
+"""Everything the service does, without the transport: models, sessions, sequence numbers, batching, metrics.
+
+The gRPC servicer is a thin layer over this class (proto in, proto out); a second transport would be another thin
+layer. Raises only the domain errors of lstm_serve.errors.
+"""
+
+from __future__ import annotations
+
+import zlib
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from lstm_serve.batching import Batcher
+from lstm_serve.engine.cell import F32
+from lstm_serve.engine.model import Model, ModelInfo
+from lstm_serve.engine.repository import Repository
+from lstm_serve.errors import InvalidInput, LimitExceeded, ModelNotFound, SequenceMismatch
+from lstm_serve.keyed_lock import KeyedLock
+from lstm_serve.metrics import Metrics
+from lstm_serve.sessions import MemorySessionStore, Session
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_steps_per_request: int = 4096
+    max_batch: int = 64
+    max_batch_wait: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    session_id: str
+    seq: int
+    outputs: F32  # (O,) or (T, O), following the request
+    replayed: bool
+
+
+class DataPlane:
+    def __init__(
+        self,
+        repository: Repository,
+        store: MemorySessionStore,
+        metrics: Metrics,
+        limits: Limits = Limits(),
+        executor: Executor | None = None,
+    ) -> None:
+        self.repository = repository
+        self.store = store
+        self.metrics = metrics
+        self.limits = limits
+        self._locks = KeyedLock()
+        self._batchers = {
+            name: Batcher(
+                model,
+                max_batch=limits.max_batch,
+                max_wait=limits.max_batch_wait,
+                executor=executor,
+                on_batch=metrics.batch_size.labels(model=name).observe,
+            )
+            for name, model in repository.models.items()
+        }
+        metrics.models_loaded.set(len(repository.models))
+        metrics.model_load_failures.set(len(repository.failures))
+        for name in repository.models:  # every model's series exists from the start, at zero
+            metrics.sessions_active.labels(model=name).set(0)
+            metrics.steps.labels(model=name)
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+
+    # --- models -------------------------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        return [m.info for m in self.repository.models.values()]
+
+    def model(self, name: str) -> Model:
+        model = self.repository.models.get(name)
+        if model is None:
+            failure = self.repository.failures.get(name)
+            if failure is not None:
+                raise ModelNotFound(f"model {name!r} failed to load: {failure}")
+            known = ", ".join(sorted(self.repository.models)) or "none"
+            raise ModelNotFound(f"unknown model {name!r}; served models: {known}")
+        return model
+
+    # --- sessions -----------------------------------------------------------------------------------------------
+
+    def create_session(self, model_name: str, session_id: str | None, idle_ttl: float | None) -> Session:
+        if idle_ttl is not None and idle_ttl < 0:
+            raise InvalidInput("idle_ttl must be >= 0 (0 = never expire)")
+        model = self.model(model_name)
+        session = self.store.create(model_name, model.zero_state(), session_id, idle_ttl)
+        self.metrics.sessions_created.labels(model=model_name).inc()
+        self.metrics.sessions_active.labels(model=model_name).inc()
+        return session
+
+    def get_session(self, session_id: str) -> Session:
+        return self.store.get(session_id)
+
+    async def reset_session(self, session_id: str) -> Session:
+        async with self._locks.hold(session_id):  # never between the compute and the commit of a step
+            session = self.store.get(session_id)
+            session.reset()
+            self.store.touch(session)
+            return session
+
+    async def close_session(self, session_id: str) -> Session:
+        async with self._locks.hold(session_id):
+            return self.store.close(session_id)
+
+    def sweep(self) -> int:
+        return self.store.sweep()
+
+    # --- steps --------------------------------------------------------------------------------------------------
+
+    async def step(self, session_id: str, seq: int, x: F32) -> StepOutcome:
+        """Applies x ((I,) or (T, I)) as step `seq` of the session, exactly once.
+
+        The session lock keeps one session's steps in order and makes check-compute-commit atomic; the state is
+        replaced only after the computation succeeded, so a failure or a cancelled call changes nothing.
+        """
+        async with self._locks.hold(session_id):
+            session = self.store.get(session_id)
+            model = self.model(session.model)
+            xs, single = self._check_inputs(x, model.info)
+            digest = zlib.crc32(xs.tobytes())
+            if seq == session.seq and session.last_outputs is not None:
+                if digest != session.last_digest:
+                    raise SequenceMismatch(
+                        f"seq {seq} was already applied with different inputs; the next seq is {seq + 1}",
+                        expected_seq=seq + 1,
+                        reason="retry_mismatch",
+                    )
+                self.metrics.replayed_steps.labels(model=model.info.name).inc()
+                return StepOutcome(session.id, seq, session.last_outputs, replayed=True)
+            if seq != session.seq + 1:
+                raise SequenceMismatch(
+                    f"seq {seq} is out of order: session {session_id!r} has applied seq {session.seq}, "
+                    f"the next step must carry seq {session.seq + 1}",
+                    expected_seq=session.seq + 1,
+                )
+            ys, state = await self._batchers[model.info.name].submit(xs, session.state)
+            self.store.touch(session)  # raises SessionNotFound if it was evicted or expired while computing
+            outputs = ys[0] if single else ys
+            session.apply(seq, state, outputs, digest)
+            self.metrics.steps.labels(model=model.info.name).inc(len(xs))
+            return StepOutcome(session.id, seq, outputs, replayed=False)
+
+    async def predict(self, model_name: str, x: F32, h0: F32 | None, c0: F32 | None) -> tuple[F32, F32, F32]:
+        """Stateless run of a whole sequence; returns outputs (T, O) and the final h, c (L, H)."""
+        model = self.model(model_name)
+        info = model.info
+        if x.ndim != 2:
+            raise InvalidInput(f"inputs must have shape [T, {info.input_size}], got {list(x.shape)}")
+        xs, _ = self._check_inputs(x, info)
+        state = model.zero_state()
+        for i, (name, given) in enumerate((("h0", h0), ("c0", c0))):
+            if given is None:
+                continue
+            if given.shape != state.shape[1:]:
+                raise InvalidInput(f"{name} must have shape {list(state.shape[1:])}, got {list(given.shape)}")
+            if not np.all(np.isfinite(given)):
+                raise InvalidInput(f"{name} contains NaN or Inf")
+            state[i] = given
+        ys, final = await self._batchers[info.name].submit(xs, state)
+        return ys, final[0], final[1]
+
+    def _check_inputs(self, x: F32, info: ModelInfo) -> tuple[F32, bool]:
+        """Returns x as (T, I) and whether the request held a single step; raises InvalidInput with the reason."""
+        if x.ndim not in (1, 2):
+            raise InvalidInput(
+                f"inputs must have shape [{info.input_size}] or [T, {info.input_size}], got {list(x.shape)}"
+            )
+        single = x.ndim == 1
+        xs = x.reshape(1, -1) if single else x
+        if xs.shape[0] == 0:
+            raise InvalidInput("inputs hold no time step (T = 0)")
+        if xs.shape[1] != info.input_size:
+            raise InvalidInput(
+                f"model {info.name!r} takes {info.input_size} input features, got {xs.shape[1]} "
+                f"(inputs shape {list(x.shape)})"
+            )
+        if xs.shape[0] > self.limits.max_steps_per_request:
+            raise LimitExceeded(
+                f"{xs.shape[0]} time steps in one request; the limit is {self.limits.max_steps_per_request}"
+            )
+        if not np.all(np.isfinite(xs)):
+            bad = np.argwhere(~np.isfinite(xs))[0]
+            raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
+        return xs, single
+

@@ -1,0 +1,95 @@
+"""A served model: its description, its backend, and the ragged-batch runner shared by every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lstm_serve.engine.backend import Backend
+from lstm_serve.engine.cell import F32
+from lstm_serve.engine.weights import ModelWeights, Normalization
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    version: str
+    description: str
+    backend: str
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    output_size: int
+    input_features: tuple[str, ...]
+    output_features: tuple[str, ...]
+    normalized: bool
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """A session's state: [h; c] of every layer, one float32 array of shape (2, L, H)."""
+        return (2, self.num_layers, self.hidden_size)
+
+
+class Model:
+    def __init__(self, info: ModelInfo, backend: Backend, normalization: Normalization | None) -> None:
+        self.info = info
+        self.backend = backend
+        self._norm = normalization
+
+    @classmethod
+    def from_weights(
+        cls, name: str, weights: ModelWeights, backend: Backend, *, version: str = "1", description: str = ""
+    ) -> Model:
+        info = ModelInfo(
+            name=name,
+            version=version,
+            description=description,
+            backend=backend.name,
+            input_size=weights.input_size,
+            hidden_size=weights.hidden_size,
+            num_layers=weights.num_layers,
+            output_size=weights.output_size,
+            input_features=weights.input_features,
+            output_features=weights.output_features,
+            normalized=weights.normalization is not None,
+        )
+        return cls(info, backend, weights.normalization)
+
+    def zero_state(self) -> F32:
+        return np.zeros(self.info.state_shape, dtype=np.float32)
+
+    def run_batch(self, xs: list[F32], states: list[F32]) -> list[tuple[F32, F32]]:
+        """Advances B sessions at once: xs[b] (T_b, I) raw inputs, states[b] (2, L, H).
+
+        Returns, per session, its outputs (T_b, O) and its new state. Sequences may differ in length: sorted longest
+        first, the sessions still running at time t are a prefix of the batch, so each time step is one backend call
+        on contiguous slices. Arguments are never modified, so a failure leaves every session as it was.
+        """
+        B = len(xs)
+        order = sorted(range(B), key=lambda b: -len(xs[b]))
+        lengths = [len(xs[b]) for b in order]
+        T = lengths[0]
+        I, O = self.info.input_size, self.info.output_size
+        X = np.zeros((T, B, I), dtype=np.float32)
+        for pos, b in enumerate(order):
+            X[: lengths[pos], pos] = xs[b]
+        if self._norm is not None:
+            X -= self._norm.input_mean
+            X /= self._norm.input_std
+        S = np.stack([states[b] for b in order], axis=2)  # (2, L, B, H)
+        h, c = S[0], S[1]
+        Y = np.empty((T, B, O), dtype=np.float32)
+        active = B
+        for t in range(T):
+            while lengths[active - 1] <= t:
+                active -= 1
+            y, h_new, c_new = self.backend.step(X[t, :active], h[:, :active], c[:, :active])
+            Y[t, :active] = y
+            h[:, :active] = h_new
+            c[:, :active] = c_new
+        if self._norm is not None:
+            Y *= self._norm.output_std
+            Y += self._norm.output_mean
+        position = {b: pos for pos, b in enumerate(order)}
+        return [(Y[: lengths[p], p].copy(), S[:, :, p].copy()) for p in (position[b] for b in range(B))]

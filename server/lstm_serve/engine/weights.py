@@ -1,0 +1,89 @@
+"""A model's parameters, independent of file format and backend, and the checks every loader runs on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lstm_serve.engine.cell import F32, LayerWeights
+from lstm_serve.errors import ModelLoadError
+
+
+@dataclass(frozen=True, slots=True)
+class Normalization:
+    """x' = (x - input_mean) / input_std before the cell; y = y' * output_std + output_mean after it."""
+
+    input_mean: F32
+    input_std: F32
+    output_mean: F32
+    output_std: F32
+
+
+@dataclass(frozen=True, slots=True)
+class ModelWeights:
+    layers: list[LayerWeights]
+    head: tuple[F32, F32] | None = None  # W (O, H), b (O,)
+    normalization: Normalization | None = None
+    input_features: tuple[str, ...] = field(default=())
+    output_features: tuple[str, ...] = field(default=())
+
+    @property
+    def input_size(self) -> int:
+        return self.layers[0].input_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layers[0].hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size if self.head is None else int(self.head[0].shape[0])
+
+    def validate(self) -> ModelWeights:
+        """Raises ModelLoadError naming the first problem; returns self so loaders can chain it."""
+        if not self.layers:
+            raise ModelLoadError("the model has no LSTM layer")
+        H = self.hidden_size
+        for k, lw in enumerate(self.layers):
+            expect_in = self.input_size if k == 0 else H
+            _shape(f"lstm.{k}.W_ih", lw.W_ih, (4 * H, expect_in))
+            _shape(f"lstm.{k}.W_hh", lw.W_hh, (4 * H, H))
+            _shape(f"lstm.{k}.b_ih", lw.b_ih, (4 * H,))
+            _shape(f"lstm.{k}.b_hh", lw.b_hh, (4 * H,))
+        if self.head is not None:
+            O = int(self.head[0].shape[0]) if self.head[0].ndim == 2 else -1
+            _shape("head.W", self.head[0], (O, H))
+            _shape("head.b", self.head[1], (O,))
+        norm = self.normalization
+        if norm is not None:
+            for name, arr, n in (
+                ("input_mean", norm.input_mean, self.input_size),
+                ("input_std", norm.input_std, self.input_size),
+                ("output_mean", norm.output_mean, self.output_size),
+                ("output_std", norm.output_std, self.output_size),
+            ):
+                _shape(f"meta.{name}", arr, (n,))
+            if np.any(norm.input_std <= 0) or np.any(norm.output_std <= 0):
+                raise ModelLoadError("meta.input_std and meta.output_std must be > 0")
+        if self.input_features and len(self.input_features) != self.input_size:
+            raise ModelLoadError(
+                f"{len(self.input_features)} input feature names for input_size {self.input_size}"
+            )
+        if self.output_features and len(self.output_features) != self.output_size:
+            raise ModelLoadError(
+                f"{len(self.output_features)} output feature names for output_size {self.output_size}"
+            )
+        return self
+
+
+def _shape(name: str, arr: F32, expected: tuple[int, ...]) -> None:
+    if arr.shape != expected:
+        want = "(" + ", ".join(str(d) for d in expected) + ")"
+        raise ModelLoadError(f"{name} has shape {arr.shape}, expected {want}")
+    if not np.all(np.isfinite(arr)):
+        raise ModelLoadError(f"{name} contains NaN or Inf")

@@ -1,0 +1,59 @@
+"""Domain errors: what went wrong, in the service's own words. Nothing here knows about gRPC; the transport maps
+these classes to status codes in ONE table (lstm_serve.service.status)."""
+
+from __future__ import annotations
+
+
+class LstmServeError(Exception):
+    """Base of every error the domain raises on purpose. `reason` is the stable word clients can branch on."""
+
+    reason = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(LstmServeError):
+    reason = "bad_input"
+
+
+class ModelNotFound(LstmServeError):
+    reason = "unknown_model"
+
+
+class SessionNotFound(LstmServeError):
+    """`reason` is why: "unknown_session", or how the session ended: "closed", "expired", "evicted"."""
+
+    def __init__(self, message: str, reason: str = "unknown_session") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SessionExists(LstmServeError):
+    reason = "exists"
+
+
+class SequenceMismatch(LstmServeError):
+    """The step's seq is neither the next one nor a retry of the last one (or is a retry with other inputs)."""
+
+    reason = "seq_mismatch"
+
+    def __init__(self, message: str, expected_seq: int, reason: str = "seq_mismatch") -> None:
+        super().__init__(message)
+        self.expected_seq = expected_seq
+        self.reason = reason
+
+
+class LimitExceeded(LstmServeError):
+    reason = "limit"
+
+
+class ShuttingDown(LstmServeError):
+    reason = "unavailable"
+
+
+class ModelLoadError(LstmServeError):
+    """A model file or its config is unusable; raised at load or convert time, never on the request path."""
+
+    reason = "bad_model"

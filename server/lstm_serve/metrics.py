@@ -1,0 +1,87 @@
+"""Prometheus metrics. A Metrics object owns its registry and is passed to whoever records; no module globals, so
+tests and several servers in one process never collide."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build = Info("lstm_build", "Version of the running server.", registry=r)
+        self.rpcs = Counter(
+            "lstm_rpcs", "RPCs finished, by method and gRPC status code.", ["method", "code"], registry=r
+        )
+        self.rpc_duration = Histogram(
+            "lstm_rpc_duration_seconds",
+            "Time from receiving an RPC to its last reply, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stream_requests = Counter(
+            "lstm_stream_requests",
+            "StreamSteps requests answered in-band, by gRPC status code.",
+            ["code"],
+            registry=r,
+        )
+        self.steps = Counter("lstm_steps", "Time steps computed for sessions, by model.", ["model"], registry=r)
+        self.replayed_steps = Counter(
+            "lstm_replayed_steps",
+            "Retried steps answered from the stored reply without recomputing, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.sessions_active = Gauge("lstm_sessions_active", "Live sessions, by model.", ["model"], registry=r)
+        self.sessions_created = Counter(
+            "lstm_sessions_created", "Sessions created, by model.", ["model"], registry=r
+        )
+        self.sessions_ended = Counter(
+            "lstm_sessions_ended",
+            "Sessions ended, by model and reason (closed, expired, evicted).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "lstm_batch_size", "Sessions per batched backend call, by model.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.models_loaded = Gauge("lstm_models_loaded", "Models being served.", registry=r)
+        self.model_load_failures = Gauge(
+            "lstm_model_load_failures", "Models in the repository that failed to load.", registry=r
+        )
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def session_ended(self, model: str, reason: str) -> None:
+        self.sessions_active.labels(model=model).dec()
+        self.sessions_ended.labels(model=model, reason=reason).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics over HTTP in a background thread; returns the bound port (useful with port 0)."""
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

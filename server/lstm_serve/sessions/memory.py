@@ -1,0 +1,131 @@
+"""In-process session store: a dict in LRU order, idle TTL, a size bound, and a memory of how sessions ended."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from lstm_serve.engine.cell import F32
+from lstm_serve.errors import SessionExists, SessionNotFound
+from lstm_serve.sessions.store import EndReason, Session, new_session_id, validate_session_id
+
+EndHook = Callable[[Session, EndReason], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    reason: EndReason
+    at: float
+    detail: str
+
+
+class MemorySessionStore:
+    """Not thread-safe: used from the event loop only.
+
+    Ended sessions are remembered (at most `max_ended`, for `ended_ttl` seconds) so that a client whose session is gone
+    learns why instead of a bare "unknown session".
+    """
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int,
+        default_ttl: float,
+        ended_ttl: float = 3600.0,
+        max_ended: int = 100_000,
+        clock: Callable[[], float] = time.time,
+        on_end: EndHook | None = None,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.default_ttl = default_ttl
+        self.ended_ttl = ended_ttl
+        self.max_ended = max_ended
+        self._clock = clock
+        self._on_end = on_end
+        self._live: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._ended: OrderedDict[str, _Ended] = OrderedDict()  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def create(self, model: str, state: F32, session_id: str | None, idle_ttl: float | None) -> Session:
+        if session_id:
+            validate_session_id(session_id)
+            if session_id in self._live:
+                raise SessionExists(f"session {session_id!r} already exists")
+        else:
+            session_id = new_session_id()
+        while len(self._live) >= self.max_sessions:
+            _, victim = self._live.popitem(last=False)
+            self._end(victim, EndReason.EVICTED, f"(least recently used; the server was at max_sessions={self.max_sessions})")
+        now = self._clock()
+        session = Session(
+            id=session_id,
+            model=model,
+            state=state,
+            created=now,
+            last_used=now,
+            idle_ttl=self.default_ttl if idle_ttl is None else idle_ttl,
+        )
+        self._live[session_id] = session
+        self._ended.pop(session_id, None)
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._live.get(session_id)
+        if session is None:
+            raise self._not_found(session_id)
+        if self._idle_expired(session, self._clock()):
+            self._expire(session)
+            raise self._not_found(session_id)
+        return session
+
+    def touch(self, session: Session) -> None:
+        if self._live.get(session.id) is not session:
+            raise self._not_found(session.id)
+        session.last_used = self._clock()
+        self._live.move_to_end(session.id)
+
+    def close(self, session_id: str) -> Session:
+        session = self.get(session_id)
+        del self._live[session_id]
+        self._end(session, EndReason.CLOSED, "by the client")
+        return session
+
+    def sweep(self) -> int:
+        now = self._clock()
+        expired = [s for s in self._live.values() if self._idle_expired(s, now)]
+        for session in expired:
+            self._expire(session)
+        while self._ended and next(iter(self._ended.values())).at + self.ended_ttl < now:
+            self._ended.popitem(last=False)
+        return len(expired)
+
+    def sessions(self) -> list[Session]:
+        return list(self._live.values())
+
+    @staticmethod
+    def _idle_expired(session: Session, now: float) -> bool:
+        return session.idle_ttl > 0 and now - session.last_used > session.idle_ttl
+
+    def _expire(self, session: Session) -> None:
+        del self._live[session.id]
+        self._end(session, EndReason.EXPIRED, f"after {session.idle_ttl:g} s idle")
+
+    def _end(self, session: Session, reason: EndReason, detail: str) -> None:
+        self._ended[session.id] = _Ended(reason, self._clock(), detail)
+        self._ended.move_to_end(session.id)
+        while len(self._ended) > self.max_ended:
+            self._ended.popitem(last=False)
+        if self._on_end is not None:
+            self._on_end(session, reason)
+
+    def _not_found(self, session_id: str) -> SessionNotFound:
+        ended = self._ended.get(session_id)
+        if ended is None:
+            return SessionNotFound(f"unknown session {session_id!r}")
+        when = datetime.fromtimestamp(ended.at, UTC).isoformat(timespec="seconds")
+        return SessionNotFound(f"session {session_id!r} was {ended.reason} {ended.detail} at {when}", ended.reason)

@@ -1,9 +1,9 @@
 """Python client for lstm-serve.
 
-    from lstm_client import Client
+from lstm_client import Client
 
-    with Client("127.0.0.1:50051") as client, client.create_session("elnino") as session:
-        y = session.step([26.1])
+with Client("127.0.0.1:50051") as client, client.create_session("elnino") as session:
+    y = session.step([26.1])
 """
 
 from lstm_client._calls import ModelFailure, ModelInfo, Prediction, RetryPolicy, SessionInfo

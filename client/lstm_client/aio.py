@@ -32,15 +32,16 @@ class AsyncClient:
         retry: RetryPolicy = RetryPolicy(),
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, int | str]] = DEFAULT_OPTIONS,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stub = lstm_pb2_grpc.LstmServiceStub(self._channel)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+        self._stub = lstm_pb2_grpc.LstmServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def __aenter__(self) -> Self:
         return self
@@ -49,7 +50,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: object, *, retry: bool = True) -> T:
         pauses = self.retry.backoffs() if retry else iter(())
@@ -57,7 +58,7 @@ class AsyncClient:
             try:
                 return await method(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None  # type: ignore[attr-defined]
+                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
                 if pause is None:
                     raise error_from_rpc(exc) from None
                 await asyncio.sleep(pause)
@@ -170,20 +171,20 @@ class _AsyncStepStream:
                 await self._call.write(request)
                 reply = await self._call.read()
             except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None  # type: ignore[attr-defined]
+                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
                 if pause is None:
                     raise error_from_rpc(exc) from None
                 await asyncio.sleep(pause)
                 self._call = self._client._stub.StreamSteps()
                 continue
-            if reply is grpc.aio.EOF:
+            if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
                 raise ServerError("the server ended the step stream early")
             return reply  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         try:
             await self._call.done_writing()
-            async for _ in self._call:
+            while await self._call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 pass
         except grpc.RpcError:
             pass

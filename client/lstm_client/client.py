@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import numpy.typing as npt
@@ -30,7 +30,8 @@ class Client:
     """A connection to an lstm-serve server.
 
     `timeout` is the per-attempt deadline in seconds; UNAVAILABLE and DEADLINE_EXCEEDED are retried by `retry`, which
-    is safe for steps because every step carries its sequence number.
+    is safe for steps because every step carries its sequence number. `interceptors` (auth, tracing, ...) wrap every
+    call.
     """
 
     def __init__(
@@ -41,6 +42,9 @@ class Client:
         retry: RetryPolicy = RetryPolicy(),
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, int | str]] = DEFAULT_OPTIONS,
+        interceptors: Sequence[
+            grpc.UnaryUnaryClientInterceptor[Any, Any] | grpc.StreamStreamClientInterceptor[Any, Any]
+        ] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -49,7 +53,8 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = lstm_pb2_grpc.LstmServiceStub(self._channel)
+        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
+        self._stub = lstm_pb2_grpc.LstmServiceStub(channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Self:
         return self
@@ -66,7 +71,7 @@ class Client:
             try:
                 return method(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None  # type: ignore[attr-defined]
+                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
                 if pause is None:
                     raise error_from_rpc(exc) from None
                 time.sleep(pause)
@@ -197,7 +202,7 @@ class _StepStream:
             except StopIteration:
                 raise ServerError("the server ended the step stream early") from None
             except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None  # type: ignore[attr-defined]
+                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
                 if pause is None:
                     raise error_from_rpc(exc) from None
                 time.sleep(pause)

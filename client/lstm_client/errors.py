@@ -1,18 +1,20 @@
 """One exception tree for every failure the client reports, in the spirit of httpx's.
 
-    LstmError
-    ├── InvalidArgument        bad input; nothing changed on the server
-    ├── NotFound               unknown model or session
-    │   └── SessionGone        the session existed and ended: closed, expired or evicted (see .reason)
-    ├── AlreadyExists          a client-chosen session id is taken
-    ├── SequenceError          the step's seq is not the one the server expects (see .expected_seq)
-    ├── ResourceExhausted      a server limit (sessions, message size, steps per request, concurrency)
-    ├── Unavailable            server unreachable or shutting down (after the client's own retries)
-    ├── DeadlineExceeded       the call's deadline passed (after the client's own retries)
-    └── ServerError            anything else the server reports (INTERNAL, UNKNOWN, ...)
+LstmError
+├── InvalidArgument        bad input; nothing changed on the server
+├── NotFound               unknown model or session
+│   └── SessionGone        the session existed and ended: closed, expired or evicted (see .reason)
+├── AlreadyExists          a client-chosen session id is taken
+├── SequenceError          the step's seq is not the one the server expects (see .expected_seq)
+├── ResourceExhausted      a server limit (sessions, message size, steps per request, concurrency)
+├── Unavailable            server unreachable or shutting down (after the client's own retries)
+├── DeadlineExceeded       the call's deadline passed (after the client's own retries)
+└── ServerError            anything else the server reports (INTERNAL, UNKNOWN, ...)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 
@@ -88,9 +90,7 @@ _GONE_REASONS = frozenset({"closed", "expired", "evicted"})
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def error_from_status(
-    code: grpc.StatusCode, message: str, detail: lstm_pb2.Error | None = None
-) -> LstmError:
+def error_from_status(code: grpc.StatusCode, message: str, detail: lstm_pb2.Error | None = None) -> LstmError:
     reason = detail.reason if detail is not None else ""
     expected = detail.expected_seq if detail is not None and detail.expected_seq else None
     cls = _BY_CODE.get(code, ServerError)
@@ -107,13 +107,13 @@ def error_from_detail(detail: lstm_pb2.Error) -> LstmError:
 
 def error_from_rpc(exc: grpc.RpcError) -> LstmError:
     """Works for sync `grpc.RpcError` (a `grpc.Call`) and for `grpc.aio.AioRpcError` alike."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    message: str = exc.details() or code.name  # type: ignore[attr-defined]
+    code: grpc.StatusCode = exc.code()
+    message: str = exc.details() or code.name
     detail = None
-    for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+    metadata: Any = exc.trailing_metadata() or ()
+    for key, value in metadata:
         if key == ERROR_METADATA_KEY and isinstance(value, bytes):
             detail = lstm_pb2.Error.FromString(value)
     err = error_from_status(code, message, detail)
     err.__cause__ = exc
     return err
-

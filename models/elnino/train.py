@@ -52,7 +52,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = np.random.default_rng(SEED)
     series = load_series()
-    assert series.shape == (732,) and np.isfinite(series).all()
+    assert series.shape == (732,)
+    assert np.isfinite(series).all()
     train = series[:TRAIN_MONTHS]
     mean, std = float(train.mean()), float(train.std())
     z = ((series - mean) / std).astype(np.float32)
@@ -80,7 +81,7 @@ def main() -> None:
     val = slice(TRAIN_MONTHS - 1, None)
     scores = {
         "train_months": TRAIN_MONTHS,
-        "validation_months": int(len(target[val])),
+        "validation_months": len(target[val]),
         "lstm_mae": float(np.abs(forecast[val] - target[val]).mean()),
         "lstm_rmse": float(np.sqrt(((forecast[val] - target[val]) ** 2).mean())),
         "naive_last_value_mae": float(np.abs(naive[val] - target[val]).mean()),

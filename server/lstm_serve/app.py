@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
@@ -74,7 +74,7 @@ class App:
             ],
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
-        lstm_pb2_grpc.add_LstmServiceServicer_to_server(LstmServicer(self._plane), server)
+        lstm_pb2_grpc.add_LstmServiceServicer_to_server(LstmServicer(self._plane), server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -89,7 +89,9 @@ class App:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
 
-        status = health_pb2.HealthCheckResponse.SERVING if repository.models else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if repository.models else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self._health.set("", status)
         await self._health.set(SERVICE_NAME, status)
         log.info(

@@ -12,12 +12,14 @@ with no executor, inline on the event loop, which is cheaper for small models th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from lstm_serve.engine.cell import F32
 from lstm_serve.engine.model import Model
+from lstm_serve.errors import ShuttingDown
 
 StepResult = tuple[F32, F32]  # outputs (T, O), new state (2, L, H)
 
@@ -60,11 +62,13 @@ class Batcher:
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(ShuttingDown("the server is shutting down"))
+        self._queue.clear()
 
     async def _run(self) -> None:
         while True:

@@ -1,4 +1,4 @@
-"""`lstm-serve serve | inspect | health`.
+"""`lstm-serve serve | inspect | health | settings-reference`.
 
 The `serve` flags are generated from lstm_serve.config.Settings: each field is a --flag and an LSTM_SERVE_* variable.
 """
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pydantic
 
 from lstm_serve.config import Settings
@@ -48,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"lstm-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_json)
+    prometheus_client.disable_created_metrics()  # the *_created series only double what a scrape stores
     asyncio.run(App(settings).run_until_signal())
     return 0
 
@@ -101,6 +103,21 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def settings_reference() -> str:
+    """The configuration table of docs/operations.md, generated so that the docs cannot drift from the code."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        flag = "--" + name.replace("_", "-")
+        rows.append(f"| `{flag}` | `LSTM_SERVE_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows) + "\n"
+
+
+def _reference(args: argparse.Namespace) -> int:
+    print(settings_reference(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-serve", description="Stateful LSTM sequence prediction over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name; empty = the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=_health)
+    reference = sub.add_parser("settings-reference", help="print the configuration table of docs/operations.md")
+    reference.set_defaults(func=_reference)
     return parser
 
 

@@ -191,4 +191,3 @@ class DataPlane:
             bad = np.argwhere(~np.isfinite(xs))[0]
             raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
         return xs, single
-

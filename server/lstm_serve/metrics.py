@@ -17,6 +17,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from lstm_serve import __version__
+
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -28,6 +30,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.build = Info("lstm_build", "Version of the running server.", registry=r)
+        self.build.info({"version": __version__})
         self.rpcs = Counter(
             "lstm_rpcs", "RPCs finished, by method and gRPC status code.", ["method", "code"], registry=r
         )
@@ -52,9 +55,7 @@ class Metrics:
             registry=r,
         )
         self.sessions_active = Gauge("lstm_sessions_active", "Live sessions, by model.", ["model"], registry=r)
-        self.sessions_created = Counter(
-            "lstm_sessions_created", "Sessions created, by model.", ["model"], registry=r
-        )
+        self.sessions_created = Counter("lstm_sessions_created", "Sessions created, by model.", ["model"], registry=r)
         self.sessions_ended = Counter(
             "lstm_sessions_ended",
             "Sessions ended, by model and reason (closed, expired, evicted).",
@@ -62,7 +63,11 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "lstm_batch_size", "Sessions per batched backend call, by model.", ["model"], buckets=BATCH_BUCKETS, registry=r
+            "lstm_batch_size",
+            "Sessions per batched backend call, by model.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.models_loaded = Gauge("lstm_models_loaded", "Models being served.", registry=r)
         self.model_load_failures = Gauge(

@@ -19,7 +19,7 @@ F32 = npt.NDArray[np.float32]
 
 def sigmoid(x: F32) -> F32:
     """tanh form: no overflow warnings for large |x| and as exact as 1/(1+exp(-x)) in float32."""
-    out = np.tanh(x * np.float32(0.5))
+    out: F32 = np.tanh(x * np.float32(0.5))
     out *= np.float32(0.5)
     out += np.float32(0.5)
     return out
@@ -65,9 +65,7 @@ class NumpyCell:
             for lw in layers
         ]
         self._head = (
-            None
-            if head is None
-            else (np.ascontiguousarray(head[0].T, dtype=np.float32), head[1].astype(np.float32))
+            None if head is None else (np.ascontiguousarray(head[0].T, dtype=np.float32), head[1].astype(np.float32))
         )
 
     def step(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32]:

@@ -1,14 +1,14 @@
 """The npz model format, version 1 (docs/model-format.md): PyTorch layout and gate order, no pickles.
 
-    meta.format_version      int, = 1
-    lstm.{k}.W_ih            (4H, I_k)  gate blocks i, f, g, o;  I_0 = input size, I_k = H above
-    lstm.{k}.W_hh            (4H, H)
-    lstm.{k}.b_ih, b_hh      (4H,)
-    head.W, head.b           (O, H), (O,)            optional, both or neither
-    meta.input_mean/std      (I,)                    optional, all four or none
-    meta.output_mean/std     (O,)
-    meta.input_features      (I,) strings            optional
-    meta.output_features     (O,) strings            optional
+meta.format_version      int, = 1
+lstm.{k}.W_ih            (4H, I_k)  gate blocks i, f, g, o;  I_0 = input size, I_k = H above
+lstm.{k}.W_hh            (4H, H)
+lstm.{k}.b_ih, b_hh      (4H,)
+head.W, head.b           (O, H), (O,)            optional, both or neither
+meta.input_mean/std      (I,)                    optional, all four or none
+meta.output_mean/std     (O,)
+meta.input_features      (I,) strings            optional
+meta.output_features     (O,) strings            optional
 """
 
 from __future__ import annotations

@@ -71,19 +71,14 @@ class ModelWeights:
             if np.any(norm.input_std <= 0) or np.any(norm.output_std <= 0):
                 raise ModelLoadError("meta.input_std and meta.output_std must be > 0")
         if self.input_features and len(self.input_features) != self.input_size:
-            raise ModelLoadError(
-                f"{len(self.input_features)} input feature names for input_size {self.input_size}"
-            )
+            raise ModelLoadError(f"{len(self.input_features)} input feature names for input_size {self.input_size}")
         if self.output_features and len(self.output_features) != self.output_size:
-            raise ModelLoadError(
-                f"{len(self.output_features)} output feature names for output_size {self.output_size}"
-            )
+            raise ModelLoadError(f"{len(self.output_features)} output feature names for output_size {self.output_size}")
         return self
 
 
 def _shape(name: str, arr: F32, expected: tuple[int, ...]) -> None:
     if arr.shape != expected:
-        want = "(" + ", ".join(str(d) for d in expected) + ")"
-        raise ModelLoadError(f"{name} has shape {arr.shape}, expected {want}")
+        raise ModelLoadError(f"{name} has shape {arr.shape}, expected {expected}")
     if not np.all(np.isfinite(arr)):
         raise ModelLoadError(f"{name} contains NaN or Inf")

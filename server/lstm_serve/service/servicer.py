@@ -69,9 +69,7 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
     @_unary
     async def ListModels(self, request: lstm_pb2.ListModelsRequest, context: Context) -> lstm_pb2.ListModelsResponse:
         failures = [lstm_pb2.ModelLoadFailure(name=n, error=e) for n, e in self.plane.repository.failures.items()]
-        return lstm_pb2.ListModelsResponse(
-            models=[codec.model_info(m) for m in self.plane.models()], failures=failures
-        )
+        return lstm_pb2.ListModelsResponse(models=[codec.model_info(m) for m in self.plane.models()], failures=failures)
 
     @_unary
     async def GetModel(self, request: lstm_pb2.GetModelRequest, context: Context) -> lstm_pb2.ModelInfo:

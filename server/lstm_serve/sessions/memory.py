@@ -60,7 +60,9 @@ class MemorySessionStore:
             session_id = new_session_id()
         while len(self._live) >= self.max_sessions:
             _, victim = self._live.popitem(last=False)
-            self._end(victim, EndReason.EVICTED, f"(least recently used; the server was at max_sessions={self.max_sessions})")
+            self._end(
+                victim, EndReason.EVICTED, f"(least recently used; the server was at max_sessions={self.max_sessions})"
+            )
         now = self._clock()
         session = Session(
             id=session_id,

@@ -1,0 +1,87 @@
+"""The `lstm-serve` command as a user runs it: serve in a subprocess, health, SIGTERM, inspect."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lstm_client import Client
+from tests.golden import REPO
+
+LSTM_SERVE = [sys.executable, "-m", "lstm_serve.cli"]
+
+
+def _wait_for_port(proc: subprocess.Popen[str], log: list[str]) -> int:
+    deadline = time.monotonic() + 30
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError(f"server exited early: {''.join(log)}")
+        log.append(line)
+        if m := re.search(r"serving \d+ model\(s\) .* on 127\.0\.0\.1:(\d+),", line):
+            return int(m.group(1))
+    raise AssertionError(f"no 'serving' line in 30 s: {''.join(log)}")
+
+
+def test_serve_health_and_graceful_sigterm(tmp_path: Path) -> None:
+    env = os.environ | {"LSTM_SERVE_MODEL_DIR": str(REPO / "models"), "LSTM_SERVE_LOG_JSON": "false"}
+    proc = subprocess.Popen(
+        [*LSTM_SERVE, "serve", "--port", "0", "--metrics-port", "-1", "--models", "elnino"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    log: list[str] = []
+    try:
+        port = _wait_for_port(proc, log)
+        health = subprocess.run(
+            [*LSTM_SERVE, "health", "--target", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30
+        )
+        assert health.returncode == 0, health.stderr
+        assert "SERVING" in health.stdout
+        with Client(f"127.0.0.1:{port}") as client, client.create_session("elnino") as session:
+            y = session.step([26.0])
+            assert y.shape == (1,)
+            assert 20.0 < float(y[0]) < 32.0  # a sea temperature in degrees C
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        rest = proc.stderr.read() if proc.stderr else ""
+        assert "shutting down" in rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    down = subprocess.run([*LSTM_SERVE, "health", "--target", f"127.0.0.1:{port}", "--timeout", "1"], text=True)
+    assert down.returncode == 1
+
+
+def test_invalid_settings_exit_2_with_the_field_named() -> None:
+    result = subprocess.run([*LSTM_SERVE, "serve", "--max-sessions", "0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "max_sessions" in result.stderr
+
+
+def test_inspect_prints_the_model_summary() -> None:
+    result = subprocess.run(
+        [*LSTM_SERVE, "inspect", str(REPO / "models" / "elnino")], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert "layers       2 x LSTM(hidden=32)" in result.stdout
+    assert "512 bytes per session" in result.stdout
+
+
+def test_inspect_reports_a_broken_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, allow_pickle=False, **{"meta.format_version": np.array(1)})
+    result = subprocess.run([*LSTM_SERVE, "inspect", str(bad)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "no LSTM layer" in result.stderr

@@ -1,0 +1,69 @@
+"""The micro-batcher gathers concurrent steps into one backend call, keeps per-session order, never waits idle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from lstm_serve.batching import Batcher
+from lstm_serve.engine.model import Model
+from lstm_serve.engine.npz import load_npz
+from lstm_serve.engine.numpy_backend import NumpyBackend
+from lstm_serve.keyed_lock import KeyedLock
+from tests.golden import golden
+
+
+def _model() -> Model:
+    weights = load_npz(golden("golden_l3_head").weights)
+    return Model.from_weights("m", weights, NumpyBackend(weights))
+
+
+async def test_concurrent_steps_share_one_batch_and_each_gets_its_own_result() -> None:
+    model = _model()
+    sizes: list[int] = []
+    batcher = Batcher(model, max_batch=64, on_batch=sizes.append)
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(1 + i % 3, 4)).astype(np.float32) for i in range(20)]
+    states = [rng.normal(size=model.info.state_shape).astype(np.float32) for _ in xs]
+    results = await asyncio.gather(*(batcher.submit(x, s) for x, s in zip(xs, states, strict=True)))
+    await batcher.close()
+    assert sizes == [20]
+    for x, s, (ys, new_state) in zip(xs, states, results, strict=True):
+        [(ys_alone, state_alone)] = model.run_batch([x], [s])
+        np.testing.assert_allclose(ys, ys_alone, atol=1e-6)
+        np.testing.assert_allclose(new_state, state_alone, atol=1e-6)
+
+
+async def test_max_batch_splits_large_bursts() -> None:
+    sizes: list[int] = []
+    model = _model()
+    batcher = Batcher(model, max_batch=8, on_batch=sizes.append)
+    x = np.zeros((1, 4), np.float32)
+    await asyncio.gather(*(batcher.submit(x, model.zero_state()) for _ in range(20)))
+    await batcher.close()
+    assert sizes == [8, 8, 4]
+
+
+async def test_a_lone_request_does_not_wait_for_company() -> None:
+    model = _model()
+    batcher = Batcher(model, max_batch=64, max_wait=5.0)
+    start = time.perf_counter()
+    await batcher.submit(np.zeros((1, 4), np.float32), model.zero_state())
+    await batcher.close()
+    assert time.perf_counter() - start < 2.5  # far below max_wait: an idle batcher computes at once
+
+
+async def test_keyed_lock_is_fifo_per_key_and_forgets_idle_keys() -> None:
+    locks = KeyedLock()
+    order: list[str] = []
+
+    async def use(key: str, tag: str) -> None:
+        async with locks.hold(key):
+            await asyncio.sleep(0)
+            order.append(tag)
+
+    await asyncio.gather(use("a", "a1"), use("a", "a2"), use("b", "b1"), use("a", "a3"))
+    assert [t for t in order if t.startswith("a")] == ["a1", "a2", "a3"]
+    assert len(locks) == 0

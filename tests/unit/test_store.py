@@ -1,0 +1,152 @@
+"""Session store: idle TTL, LRU eviction and the remembered end reasons, on an injected clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lstm_serve.errors import InvalidInput, SessionExists, SessionNotFound
+from lstm_serve.sessions import EndReason, MemorySessionStore, Session
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def _store(clock: Clock, **kwargs: float) -> tuple[MemorySessionStore, list[tuple[str, EndReason]]]:
+    ended: list[tuple[str, EndReason]] = []
+
+    def on_end(session: Session, reason: EndReason) -> None:
+        ended.append((session.id, reason))
+
+    options: dict[str, float] = {"max_sessions": 3, "default_ttl": 60.0} | kwargs
+    store = MemorySessionStore(
+        max_sessions=int(options.pop("max_sessions")),
+        default_ttl=options.pop("default_ttl"),
+        clock=clock,
+        on_end=on_end,
+        **options,  # type: ignore[arg-type]
+    )
+    return store, ended
+
+
+def _state() -> np.ndarray:
+    return np.zeros((2, 1, 4), np.float32)
+
+
+def test_idle_session_expires_after_its_ttl(clock: Clock) -> None:
+    store, ended = _store(clock)
+    s = store.create("m", _state(), None, None)
+    clock.now += 59.0
+    assert store.get(s.id) is s
+    store.touch(s)  # use restarts the idle clock
+    clock.now += 59.0
+    assert store.get(s.id) is s
+    clock.now += 2.0
+    with pytest.raises(SessionNotFound) as err:
+        store.get(s.id)
+    assert err.value.reason == "expired"
+    assert "expired after 60 s idle" in err.value.message
+    assert ended == [(s.id, EndReason.EXPIRED)]
+    assert len(store) == 0
+
+
+def test_per_session_ttl_overrides_the_default_and_zero_never_expires(clock: Clock) -> None:
+    store, _ = _store(clock)
+    short = store.create("m", _state(), None, 5.0)
+    forever = store.create("m", _state(), None, 0.0)
+    clock.now += 10 * 365 * 86400.0
+    assert store.sweep() == 1
+    assert store.get(forever.id) is forever
+    with pytest.raises(SessionNotFound, match="expired after 5 s idle"):
+        store.get(short.id)
+
+
+def test_sweep_ends_only_idle_sessions(clock: Clock) -> None:
+    store, ended = _store(clock)
+    old = store.create("m", _state(), None, None)
+    clock.now += 30.0
+    fresh = store.create("m", _state(), None, None)
+    clock.now += 31.0
+    assert store.sweep() == 1
+    assert ended == [(old.id, EndReason.EXPIRED)]
+    assert store.get(fresh.id) is fresh
+
+
+def test_full_store_evicts_the_least_recently_used(clock: Clock) -> None:
+    store, ended = _store(clock)
+    a = store.create("m", _state(), "a", None)
+    b = store.create("m", _state(), "b", None)
+    c = store.create("m", _state(), "c", None)
+    clock.now += 1
+    store.touch(a)  # b is now the least recently used
+    d = store.create("m", _state(), "d", None)
+    assert ended == [("b", EndReason.EVICTED)]
+    assert [store.get(x.id) for x in (a, c, d)] == [a, c, d]
+    with pytest.raises(SessionNotFound) as err:
+        store.get(b.id)
+    assert err.value.reason == "evicted"
+    assert "max_sessions=3" in err.value.message
+
+
+def test_closed_session_reports_closed_and_touch_fails(clock: Clock) -> None:
+    store, ended = _store(clock)
+    s = store.create("m", _state(), "x", None)
+    store.close("x")
+    with pytest.raises(SessionNotFound) as err:
+        store.get("x")
+    assert err.value.reason == "closed"
+    assert "closed by the client" in err.value.message
+    with pytest.raises(SessionNotFound):
+        store.touch(s)
+    assert ended == [("x", EndReason.CLOSED)]
+
+
+def test_unknown_session(clock: Clock) -> None:
+    store, _ = _store(clock)
+    with pytest.raises(SessionNotFound) as err:
+        store.get("nope")
+    assert err.value.reason == "unknown_session"
+
+
+def test_end_reasons_are_forgotten_after_a_while_and_bounded(clock: Clock) -> None:
+    store, _ = _store(clock, max_sessions=10, ended_ttl=100.0, max_ended=2)
+    for name in ("a", "b", "c"):
+        store.create("m", _state(), name, None)
+        store.close(name)
+    with pytest.raises(SessionNotFound) as err:
+        store.get("a")  # pushed out by the bound of 2
+    assert err.value.reason == "unknown_session"
+    clock.now += 101
+    store.sweep()
+    with pytest.raises(SessionNotFound) as err:
+        store.get("c")
+    assert err.value.reason == "unknown_session"
+
+
+def test_client_ids_are_checked_and_unique(clock: Clock) -> None:
+    store, _ = _store(clock)
+    store.create("m", _state(), "device-17:a.b", None)
+    with pytest.raises(SessionExists):
+        store.create("m", _state(), "device-17:a.b", None)
+    for bad in ("has space", "x" * 129, "ümlaut", "a/b"):
+        with pytest.raises(InvalidInput):
+            store.create("m", _state(), bad, None)
+    store.close("device-17:a.b")
+    assert store.create("m", _state(), "device-17:a.b", None).seq == 0  # a closed id may be used again
+
+
+def test_generated_ids_are_long_and_distinct(clock: Clock) -> None:
+    store, _ = _store(clock, max_sessions=1000)
+    ids = {store.create("m", _state(), None, None).id for _ in range(500)}
+    assert len(ids) == 500
+    assert min(len(i) for i in ids) >= 22  # 128 bits in base64url

@@ -30,8 +30,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP) proto-check
-	$(BIN)/ruff check client server tests models
-	$(BIN)/ruff format --check client server tests models
+	$(BIN)/ruff check client server tests models bench
+	$(BIN)/ruff format --check client server tests models bench
 	$(BIN)/mypy
 
 proto: $(STAMP)

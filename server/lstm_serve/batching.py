@@ -1,12 +1,19 @@
 """Per-model micro-batcher: steps of distinct sessions that arrive together are computed as one batched step.
 
-No timer when idle: the worker takes whatever is queued the moment it wakes, so a lone request is computed at once.
-Batches form naturally while a computation is under way (requests queue behind it); `max_wait` adds a short pause
-only when the queue already held more than one request, i.e. when the server is busy anyway.
+Two ways to run, chosen by whether an executor is given:
+
+- inline (no executor, the default; best for small models, where a thread hop costs more than the step): the first
+  request to arrive leads a batch. If the previous batch finished more than BUSY_WINDOW ago (the server is idle) it
+  computes at once. Otherwise it yields the event loop for `max_wait` (0: one turn) so that the requests already
+  received join its batch, computes the batch on the loop, and hands each follower its result. An inline step
+  finishes within one turn of the loop, so "other steps in progress" is never visible; recent activity is the sign
+  of load.
+- threaded (an executor; for big models, whose compute should not stall the loop): a worker task takes whatever is
+  queued when it wakes and computes it in the executor; requests arriving meanwhile form the next batch.
+  `max_wait` adds a pause only when the queue already held more than one request, i.e. when busy anyway.
 
 Ordering: the batcher never holds two steps of one session, because the data plane keeps each session's steps in
-sequence (one in flight per session). Compute runs in `executor` (a thread; NumPy's BLAS and ORT release the GIL) or,
-with no executor, inline on the event loop, which is cheaper for small models than a thread hop.
+sequence (one in flight per session). BLAS and ORT release the GIL, so threaded compute overlaps the event loop.
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ from lstm_serve.errors import ShuttingDown
 
 StepResult = tuple[F32, F32]  # outputs (T, O), new state (2, L, H)
 
+# A step arriving sooner than this after the previous batch finished means requests are queueing: gather. Well below
+# a network round trip (~0.5 ms on loopback), so a lone client in ping-pong never pays for the gathering turn.
+BUSY_WINDOW = 0.0002
+
 
 @dataclass(slots=True)
 class _Pending:
     x: F32
     state: F32
-    future: asyncio.Future[StepResult]
+    future: asyncio.Future[StepResult] | None  # None for the inline leader, which gets its result directly
 
 
 class Batcher:
@@ -46,15 +57,46 @@ class Batcher:
         self.max_wait = max_wait
         self._executor = executor
         self._on_batch = on_batch
-        self._queue: list[_Pending] = []
+        self._last_batch_end = float("-inf")
+        self._forming: list[_Pending] | None = None  # inline: the batch its leader is gathering
+        self._queue: list[_Pending] = []  # threaded: waiting for the worker
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, x: F32, state: F32) -> StepResult:
         """x (T, I) already validated; state (2, L, H) is read, never written."""
+        if self._executor is None:
+            return await self._submit_inline(x, state)
+        return await self._submit_threaded(x, state)
+
+    async def _submit_inline(self, x: F32, state: F32) -> StepResult:
+        if self._forming is not None and len(self._forming) < self.max_batch:
+            future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+            self._forming.append(_Pending(x, state, future))
+            return await future
+        batch = [_Pending(x, state, None)]
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_batch_end < BUSY_WINDOW:
+            self._forming = batch
+            try:
+                await asyncio.sleep(self.max_wait)
+            finally:
+                self._forming = None
+        try:
+            results = self.model.run_batch([p.x for p in batch], [p.state for p in batch])
+        except Exception as exc:  # a backend failure fails this batch only; the sessions keep their old state
+            self._fail(batch[1:], exc)
+            raise
+        finally:
+            self._last_batch_end = loop.time()
+        self._record(batch, results)
+        return results[0]
+
+    async def _submit_threaded(self, x: F32, state: F32) -> StepResult:
+        loop = asyncio.get_running_loop()
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.info.name}")
-        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+            self._worker = loop.create_task(self._run(), name=f"batcher-{self.model.info.name}")
+        future: asyncio.Future[StepResult] = loop.create_future()
         self._queue.append(_Pending(x, state, future))
         self._wakeup.set()
         return await future
@@ -65,39 +107,38 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        for pending in self._queue:
-            if not pending.future.done():
-                pending.future.set_exception(ShuttingDown("the server is shutting down"))
+        self._fail(self._queue, ShuttingDown("the server is shutting down"))
         self._queue.clear()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
                 if self.max_wait > 0 and 1 < len(self._queue) < self.max_batch:
                     await asyncio.sleep(self.max_wait)
-                batch = [p for p in self._queue[: self.max_batch] if not p.future.done()]
+                batch = [p for p in self._queue[: self.max_batch] if p.future is not None and not p.future.done()]
                 del self._queue[: self.max_batch]
-                if batch:
-                    await self._compute(batch)
+                if not batch:
+                    continue
+                xs, states = [p.x for p in batch], [p.state for p in batch]
+                try:
+                    results = await loop.run_in_executor(self._executor, self.model.run_batch, xs, states)
+                except Exception as exc:
+                    self._fail(batch, exc)
+                    continue
+                self._record(batch, results)
 
-    async def _compute(self, batch: list[_Pending]) -> None:
-        xs = [p.x for p in batch]
-        states = [p.state for p in batch]
-        try:
-            if self._executor is None:
-                results = self.model.run_batch(xs, states)
-            else:
-                loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(self._executor, self.model.run_batch, xs, states)
-        except Exception as exc:  # a backend failure fails this batch only; the sessions keep their old state
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
+    def _record(self, batch: list[_Pending], results: list[StepResult]) -> None:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         for p, result in zip(batch, results, strict=True):
-            if not p.future.done():
+            if p.future is not None and not p.future.done():
                 p.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: Exception) -> None:
+        for p in batch:
+            if p.future is not None and not p.future.done():
+                p.future.set_exception(exc)

@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"lstm-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_json)
-    prometheus_client.disable_created_metrics()  # the *_created series only double what a scrape stores
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double what a scrape stores
     asyncio.run(App(settings).run_until_signal())
     return 0
 

@@ -61,11 +61,13 @@ class DataPlane:
             )
             for name, model in repository.models.items()
         }
+        # label lookups cost microseconds on the step path: resolve each model's series once
+        self._steps = {name: metrics.steps.labels(model=name) for name in repository.models}
+        self._replayed = {name: metrics.replayed_steps.labels(model=name) for name in repository.models}
         metrics.models_loaded.set(len(repository.models))
         metrics.model_load_failures.set(len(repository.failures))
         for name in repository.models:  # every model's series exists from the start, at zero
             metrics.sessions_active.labels(model=name).set(0)
-            metrics.steps.labels(model=name)
 
     async def close(self) -> None:
         for batcher in self._batchers.values():
@@ -134,7 +136,7 @@ class DataPlane:
                         expected_seq=seq + 1,
                         reason="retry_mismatch",
                     )
-                self.metrics.replayed_steps.labels(model=model.info.name).inc()
+                self._replayed[model.info.name].inc()
                 return StepOutcome(session.id, seq, session.last_outputs, replayed=True)
             if seq != session.seq + 1:
                 raise SequenceMismatch(
@@ -146,7 +148,7 @@ class DataPlane:
             self.store.touch(session)  # raises SessionNotFound if it was evicted or expired while computing
             outputs = ys[0] if single else ys
             session.apply(seq, state, outputs, digest)
-            self.metrics.steps.labels(model=model.info.name).inc(len(xs))
+            self._steps[model.info.name].inc(len(xs))
             return StepOutcome(session.id, seq, outputs, replayed=False)
 
     async def predict(self, model_name: str, x: F32, h0: F32 | None, c0: F32 | None) -> tuple[F32, F32, F32]:

@@ -73,8 +73,22 @@ class Metrics:
         self.model_load_failures = Gauge(
             "lstm_model_load_failures", "Models in the repository that failed to load.", registry=r
         )
+        self._rpc_children: dict[tuple[str, str], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
+
+    def rpc_finished(self, method: str, code: str, seconds: float) -> None:
+        """Called once per RPC: the labelled children are cached, as `labels()` costs microseconds per call."""
+        key = (method, code)
+        counter = self._rpc_children.get(key)
+        if counter is None:
+            counter = self._rpc_children[key] = self.rpcs.labels(method=method, code=code)
+        histogram = self._duration_children.get(method)
+        if histogram is None:
+            histogram = self._duration_children[method] = self.rpc_duration.labels(method=method)
+        counter.inc()
+        histogram.observe(seconds)
 
     def session_ended(self, model: str, reason: str) -> None:
         self.sessions_active.labels(model=model).dec()

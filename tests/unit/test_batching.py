@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from lstm_serve.batching import Batcher
 from lstm_serve.engine.model import Model
@@ -29,7 +30,7 @@ async def test_concurrent_steps_share_one_batch_and_each_gets_its_own_result() -
     states = [rng.normal(size=model.info.state_shape).astype(np.float32) for _ in xs]
     results = await asyncio.gather(*(batcher.submit(x, s) for x, s in zip(xs, states, strict=True)))
     await batcher.close()
-    assert sizes == [20]
+    assert sizes == [1, 19]  # the first finds the server idle and goes alone; the burst behind it shares a batch
     for x, s, (ys, new_state) in zip(xs, states, results, strict=True):
         [(ys_alone, state_alone)] = model.run_batch([x], [s])
         np.testing.assert_allclose(ys, ys_alone, atol=1e-6)
@@ -43,16 +44,30 @@ async def test_max_batch_splits_large_bursts() -> None:
     x = np.zeros((1, 4), np.float32)
     await asyncio.gather(*(batcher.submit(x, model.zero_state()) for _ in range(20)))
     await batcher.close()
-    assert sizes == [8, 8, 4]
+    assert sizes == [1, 8, 8, 3]
 
 
-async def test_a_lone_request_does_not_wait_for_company() -> None:
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_a_lone_request_does_not_wait_for_company(threaded: bool) -> None:
     model = _model()
-    batcher = Batcher(model, max_batch=64, max_wait=5.0)
-    start = time.perf_counter()
-    await batcher.submit(np.zeros((1, 4), np.float32), model.zero_state())
-    await batcher.close()
-    assert time.perf_counter() - start < 2.5  # far below max_wait: an idle batcher computes at once
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(model, max_batch=64, max_wait=30.0, executor=pool if threaded else None)
+        for _ in range(3):  # far below max_wait each: an idle batcher computes at once
+            await asyncio.wait_for(batcher.submit(np.zeros((1, 4), np.float32), model.zero_state()), timeout=10)
+            await asyncio.sleep(0.01)
+        await batcher.close()
+
+
+async def test_threaded_batcher_gathers_what_queued_during_a_computation() -> None:
+    model = _model()
+    sizes: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(model, max_batch=64, executor=pool, on_batch=sizes.append)
+        x = np.zeros((1, 4), np.float32)
+        await asyncio.gather(*(batcher.submit(x, model.zero_state()) for _ in range(30)))
+        await batcher.close()
+    assert sum(sizes) == 30
+    assert len(sizes) < 30
 
 
 async def test_keyed_lock_is_fifo_per_key_and_forgets_idle_keys() -> None:

@@ -36,6 +36,7 @@ class Model:
         self.info = info
         self.backend = backend
         self._norm = normalization
+        self._inv_input_std = None if normalization is None else (1.0 / normalization.input_std).astype(np.float32)
 
     @classmethod
     def from_weights(
@@ -67,19 +68,21 @@ class Model:
         on contiguous slices. Arguments are never modified, so a failure leaves every session as it was.
         """
         B = len(xs)
-        order = sorted(range(B), key=lambda b: -len(xs[b]))
-        lengths = [len(xs[b]) for b in order]
+        lengths = [len(x) for x in xs]
+        order = sorted(range(B), key=lambda b: -lengths[b]) if min(lengths) != max(lengths) else list(range(B))
+        lengths = [lengths[b] for b in order]
         T = lengths[0]
-        I, O = self.info.input_size, self.info.output_size
-        X = np.zeros((T, B, I), dtype=np.float32)
-        for pos, b in enumerate(order):
-            X[: lengths[pos], pos] = xs[b]
-        if self._norm is not None:
-            X -= self._norm.input_mean
-            X /= self._norm.input_std
-        S = np.stack([states[b] for b in order], axis=2)  # (2, L, B, H)
+        if lengths[-1] == T:
+            X = np.stack([xs[b] for b in order], axis=1)  # (T, B, I)
+        else:
+            X = np.zeros((T, B, self.info.input_size), dtype=np.float32)
+            for pos, b in enumerate(order):
+                X[: lengths[pos], pos] = xs[b]
+        if self._norm is not None and self._inv_input_std is not None:
+            X = (X - self._norm.input_mean) * self._inv_input_std
+        S = np.stack([states[b] for b in order], axis=2)  # (2, L, B, H), a copy: the inputs stay untouched
         h, c = S[0], S[1]
-        Y = np.empty((T, B, O), dtype=np.float32)
+        Y = np.empty((T, B, self.info.output_size), dtype=np.float32)
         active = B
         for t in range(T):
             while lengths[active - 1] <= t:

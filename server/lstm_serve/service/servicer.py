@@ -63,8 +63,7 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
         self.metrics = plane.metrics
 
     def _record(self, method: str, code: grpc.StatusCode, start: float) -> None:
-        self.metrics.rpcs.labels(method=method, code=code.name).inc()
-        self.metrics.rpc_duration.labels(method=method).observe(time.perf_counter() - start)
+        self.metrics.rpc_finished(method, code.name, time.perf_counter() - start)
 
     @_unary
     async def ListModels(self, request: lstm_pb2.ListModelsRequest, context: Context) -> lstm_pb2.ListModelsResponse:

@@ -6,13 +6,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lstm_client/_proto
 
-.PHONY: help venv run test test-unit test-integration lint proto proto-check clean
+.PHONY: help venv run test lint proto proto-check bench clean
 
 help:
 	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464)"
 	@echo "make test    run the whole test suite"
 	@echo "make lint    ruff + mypy + generated-code check"
 	@echo "make proto   regenerate the protobuf/gRPC code from proto/"
+	@echo "make bench   measure lstm-serve against a bare gRPC echo on loopback (takes minutes)"
 
 $(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 needed (set PYTHON=...)"; exit 1; }
@@ -33,6 +34,9 @@ lint: $(STAMP) proto-check
 	$(BIN)/ruff check client server tests models bench
 	$(BIN)/ruff format --check client server tests models bench
 	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.latency
 
 proto: $(STAMP)
 	rm -rf $(PROTO_OUT)/lstm

@@ -36,7 +36,7 @@ lint: $(STAMP) proto-check
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.run
 
 proto: $(STAMP)
 	rm -rf $(PROTO_OUT)/lstm

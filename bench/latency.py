@@ -41,13 +41,11 @@ def _measure(target: str, session_id: str, calls: int, warmup: int = 300) -> dic
 
 def run(calls: int) -> dict[str, dict[str, float]]:
     results = {}
-    with echo_server() as port:
-        results["echo"] = _measure(f"127.0.0.1:{port}", "echo", calls)
-    with lstm_server(REPO / "models") as port:
-        target = f"127.0.0.1:{port}"
-        with Client(target) as client:
-            session = client.create_session("elnino", ttl=0)
-        results["lstm-serve"] = _measure(target, session.id, calls)
+    with echo_server() as echo:
+        results["echo"] = _measure(echo.target, "echo", calls)
+    with lstm_server(REPO / "models") as server, Client(server.target) as client:
+        session = client.create_session("elnino", ttl=0)
+        results["lstm-serve"] = _measure(server.target, session.id, calls)
     return results
 
 

@@ -63,7 +63,10 @@ class App:
         if s.compute_threads > 0:
             self._executor = ThreadPoolExecutor(s.compute_threads, thread_name_prefix="compute")
         limits = Limits(
-            max_steps_per_request=s.max_steps_per_request, max_batch=s.max_batch, max_batch_wait=s.max_batch_wait
+            max_steps_per_request=s.max_steps_per_request,
+            max_batch=s.max_batch,
+            max_batch_wait=s.max_batch_wait,
+            inline_max_parameters=s.inline_max_parameters,
         )
         self._plane = DataPlane(repository, store, self.metrics, limits, self._executor)
 

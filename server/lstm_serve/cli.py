@@ -71,7 +71,6 @@ def _inspect(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"lstm-serve inspect: {exc.message}", file=sys.stderr)
         return 1
-    arrays = [a for lw in w.layers for a in (lw.W_ih, lw.W_hh, lw.b_ih, lw.b_hh)] + list(w.head or ())
     L, H = w.num_layers, w.hidden_size
     lines += [
         f"weights      {path}",
@@ -80,7 +79,7 @@ def _inspect(args: argparse.Namespace) -> int:
         f"head         {'linear ' + str(H) + ' -> ' + str(w.output_size) if w.head else 'none (outputs are h)'}",
         f"output       {w.output_size} {list(w.output_features) or ''}",
         f"normalized   {w.normalization is not None}",
-        f"parameters   {sum(a.size for a in arrays)}",
+        f"parameters   {w.parameter_count}",
         f"state        2 x {L} x {H} float32 = {2 * L * H * 4} bytes per session",
     ]
     print("\n".join(line.rstrip() for line in lines))

@@ -45,7 +45,12 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Seconds a busy batcher may wait to fill a batch; never waits when idle."
     )
     compute_threads: int = Field(
-        0, ge=0, description="Threads for model compute; 0 computes on the event loop (fastest for small models)."
+        1, ge=0, description="Threads computing the big models (see --inline-max-parameters); 0 = all on the loop."
+    )
+    inline_max_parameters: int = Field(
+        200_000,
+        ge=0,
+        description="Models with at most this many weights compute on the event loop, bigger ones in compute threads.",
     )
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")

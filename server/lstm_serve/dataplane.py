@@ -27,6 +27,7 @@ class Limits:
     max_steps_per_request: int = 4096
     max_batch: int = 64
     max_batch_wait: float = 0.0
+    inline_max_parameters: int = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +52,14 @@ class DataPlane:
         self.metrics = metrics
         self.limits = limits
         self._locks = KeyedLock()
+        # Small models compute on the event loop (a thread hop would cost more than the step); big ones in the
+        # executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
         self._batchers = {
             name: Batcher(
                 model,
                 max_batch=limits.max_batch,
                 max_wait=limits.max_batch_wait,
-                executor=executor,
+                executor=executor if model.info.parameters > limits.inline_max_parameters else None,
                 on_batch=metrics.batch_size.labels(model=name).observe,
             )
             for name, model in repository.models.items()
@@ -103,18 +106,30 @@ class DataPlane:
         return self.store.get(session_id)
 
     async def reset_session(self, session_id: str) -> Session:
-        async with self._locks.hold(session_id):  # never between the compute and the commit of a step
+        await self._locks.acquire(session_id)  # never between the compute and the commit of a step
+        try:
             session = self.store.get(session_id)
             session.reset()
             self.store.touch(session)
             return session
+        finally:
+            self._locks.release(session_id)
 
     async def close_session(self, session_id: str) -> Session:
-        async with self._locks.hold(session_id):
+        await self._locks.acquire(session_id)
+        try:
             return self.store.close(session_id)
+        finally:
+            self._locks.release(session_id)
 
     def sweep(self) -> int:
         return self.store.sweep()
+
+    def computes_inline(self, session_id: str) -> bool:
+        """Whether a step of this session is computed on the event loop (so awaiting it costs no thread hop).
+        Unknown sessions count as inline: their step fails at once."""
+        session = self.store.peek(session_id)
+        return session is None or self._batchers[session.model].inline
 
     # --- steps --------------------------------------------------------------------------------------------------
 
@@ -124,7 +139,8 @@ class DataPlane:
         The session lock keeps one session's steps in order and makes check-compute-commit atomic; the state is
         replaced only after the computation succeeded, so a failure or a cancelled call changes nothing.
         """
-        async with self._locks.hold(session_id):
+        await self._locks.acquire(session_id)
+        try:
             session = self.store.get(session_id)
             model = self.model(session.model)
             xs, single = self._check_inputs(x, model.info)
@@ -150,6 +166,8 @@ class DataPlane:
             session.apply(seq, state, outputs, digest)
             self._steps[model.info.name].inc(len(xs))
             return StepOutcome(session.id, seq, outputs, replayed=False)
+        finally:
+            self._locks.release(session_id)
 
     async def predict(self, model_name: str, x: F32, h0: F32 | None, c0: F32 | None) -> tuple[F32, F32, F32]:
         """Stateless run of a whole sequence; returns outputs (T, O) and the final h, c (L, H)."""
@@ -189,7 +207,7 @@ class DataPlane:
             raise LimitExceeded(
                 f"{xs.shape[0]} time steps in one request; the limit is {self.limits.max_steps_per_request}"
             )
-        if not np.all(np.isfinite(xs)):
+        if not np.isfinite(xs).all():
             bad = np.argwhere(~np.isfinite(xs))[0]
             raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
         return xs, single

@@ -75,10 +75,27 @@ async def test_keyed_lock_is_fifo_per_key_and_forgets_idle_keys() -> None:
     order: list[str] = []
 
     async def use(key: str, tag: str) -> None:
-        async with locks.hold(key):
+        await locks.acquire(key)
+        try:
             await asyncio.sleep(0)
             order.append(tag)
+        finally:
+            locks.release(key)
 
     await asyncio.gather(use("a", "a1"), use("a", "a2"), use("b", "b1"), use("a", "a3"))
     assert [t for t in order if t.startswith("a")] == ["a1", "a2", "a3"]
+    assert len(locks) == 0
+
+
+async def test_keyed_lock_survives_a_cancelled_waiter() -> None:
+    locks = KeyedLock()
+    await locks.acquire("k")
+    waiter = asyncio.create_task(locks.acquire("k"))
+    third = asyncio.create_task(locks.acquire("k"))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.sleep(0)
+    locks.release("k")  # goes to the third claimant, not to the cancelled one
+    await asyncio.wait_for(third, 1)
+    locks.release("k")
     assert len(locks) == 0

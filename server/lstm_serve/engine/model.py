@@ -24,6 +24,7 @@ class ModelInfo:
     input_features: tuple[str, ...]
     output_features: tuple[str, ...]
     normalized: bool
+    parameters: int = 0
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
@@ -54,6 +55,7 @@ class Model:
             input_features=weights.input_features,
             output_features=weights.output_features,
             normalized=weights.normalization is not None,
+            parameters=weights.parameter_count,
         )
         return cls(info, backend, weights.normalization)
 
@@ -69,12 +71,13 @@ class Model:
         """
         B = len(xs)
         lengths = [len(x) for x in xs]
-        order = sorted(range(B), key=lambda b: -lengths[b]) if min(lengths) != max(lengths) else list(range(B))
-        lengths = [lengths[b] for b in order]
-        T = lengths[0]
-        if lengths[-1] == T:
-            X = np.stack([xs[b] for b in order], axis=1)  # (T, B, I)
+        T = max(lengths)
+        if min(lengths) == T:  # the common case: no reordering
+            order: list[int] | range = range(B)
+            X = np.stack(xs, axis=1)  # (T, B, I)
         else:
+            order = sorted(range(B), key=lambda b: -lengths[b])
+            lengths = [lengths[b] for b in order]
             X = np.zeros((T, B, self.info.input_size), dtype=np.float32)
             for pos, b in enumerate(order):
                 X[: lengths[pos], pos] = xs[b]

@@ -44,6 +44,11 @@ class ModelWeights:
     def output_size(self) -> int:
         return self.hidden_size if self.head is None else int(self.head[0].shape[0])
 
+    @property
+    def parameter_count(self) -> int:
+        arrays = [a for lw in self.layers for a in (lw.W_ih, lw.W_hh, lw.b_ih, lw.b_hh)] + list(self.head or ())
+        return sum(int(a.size) for a in arrays)
+
     def validate(self) -> ModelWeights:
         """Raises ModelLoadError naming the first problem; returns self so loaders can chain it."""
         if not self.layers:

@@ -114,29 +114,22 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
     async def StreamSteps(
         self, request_iterator: AsyncIterator[lstm_pb2.StepRequest], context: Context
     ) -> AsyncIterator[lstm_pb2.StepReply]:
-        """Requests are handled concurrently (so sessions sharing the stream batch together) and answered as they
-        finish; one session's requests keep their order through the data plane's per-session lock."""
+        """Answers each request in turn while they are for models computed on the event loop: a plain read-compute-
+        reply loop in this one task, as cheap as gRPC allows. At the first request for a model computed in threads,
+        the rest of the stream is handed to a reader task that handles requests concurrently (so the sessions of one
+        stream batch together) and replies as they finish. One session's requests keep their order either way (the
+        data plane's per-session lock)."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
-        replies: asyncio.Queue[lstm_pb2.StepReply | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-
-        async def answer(request: lstm_pb2.StepRequest) -> None:
-            replies.put_nowait(await self._stream_step(request))
-
-        async def read() -> None:
-            async with asyncio.TaskGroup() as tasks:
-                async for request in request_iterator:
-                    await window.acquire()
-                    tasks.create_task(answer(request))
-
-        reader = asyncio.create_task(read())
-        reader.add_done_callback(lambda _: replies.put_nowait(None))
         try:
-            while (reply := await replies.get()) is not None:
-                window.release()
-                yield reply
-            await reader  # re-raises a failure of the request side
+            requests = aiter(request_iterator)
+            async for request in requests:
+                if self.plane.computes_inline(request.session_id):
+                    yield await self._stream_step(request)
+                    continue
+                async for reply in self._concurrent_stream(request, requests):
+                    yield reply
+                break
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -145,8 +138,37 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, INTERNAL_MESSAGE)
         finally:
-            reader.cancel()
             self._record("StreamSteps", code, start)
+
+    async def _concurrent_stream(
+        self, first: lstm_pb2.StepRequest, requests: AsyncIterator[lstm_pb2.StepRequest]
+    ) -> AsyncIterator[lstm_pb2.StepReply]:
+        replies: asyncio.Queue[lstm_pb2.StepReply | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def answer(request: lstm_pb2.StepRequest) -> None:
+            replies.put_nowait(await self._stream_step(request))
+
+        async def read() -> None:
+            async with asyncio.TaskGroup() as tasks:
+                await window.acquire()
+                tasks.create_task(answer(first))
+                async for request in requests:
+                    await window.acquire()
+                    if self.plane.computes_inline(request.session_id):
+                        await answer(request)  # no task needed; this session's order is kept by construction
+                    else:
+                        tasks.create_task(answer(request))
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: replies.put_nowait(None))
+        try:
+            while (reply := await replies.get()) is not None:
+                window.release()
+                yield reply
+            await reader  # re-raises a failure of the request side
+        finally:
+            reader.cancel()
 
     async def _stream_step(self, request: lstm_pb2.StepRequest) -> lstm_pb2.StepReply:
         reply = lstm_pb2.StepReply(session_id=request.session_id, seq=request.seq)

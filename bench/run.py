@@ -1,0 +1,338 @@
+"""`make bench`: lstm-serve against the bare gRPC ceiling, measured in ONE run on this machine, on loopback.
+
+Prints every figure with its ratio to the echo server carrying the same payloads, then writes docs/performance.md.
+Servers run as separate processes; the load generator (lstm-loadtest's engine) runs here. Every load is bounded in
+sessions, steps and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.latency import _measure as sequential_latency
+from bench.servers import REPO, Server, echo_server, lstm_serve_argv, lstm_server
+from lstm_client import Client
+from lstm_client._calls import step_request
+from lstm_client.aio import AsyncClient
+from lstm_client.loadtest import LoadConfig, run_load
+from lstm_serve.engine.cell import LayerWeights
+from lstm_serve.engine.npz import save_npz
+from lstm_serve.engine.weights import ModelWeights
+
+DEMO = "elnino"
+BIG = "big512"
+BIG_INPUT = 16
+
+
+@dataclass(frozen=True)
+class Load:
+    mode: str
+    sessions: int
+    per_stream: int = 1
+    steps_per_message: int = 1
+
+    def label(self) -> str:
+        how = f"stream, {self.per_stream}/stream" if self.mode == "stream" else "unary"
+        return f"{self.sessions} sessions, {how}, {self.steps_per_message} step/msg"
+
+
+@dataclass
+class Row:
+    scenario: str
+    value: float
+    unit: str
+    ceiling: float | None = None  # the echo figure it is compared with
+    target: str = ""
+
+    def ratio(self) -> float | None:
+        return None if not self.ceiling else self.value / self.ceiling
+
+
+def make_big_model(root: Path) -> Path:
+    """An H=512 model with random weights (speed does not depend on the values)."""
+    rng = np.random.default_rng(0)
+    H, scale = 512, 1 / np.sqrt(512)
+
+    def w(*shape: int) -> np.ndarray:
+        out: np.ndarray = (rng.standard_normal(shape) * scale).astype(np.float32)
+        return out
+
+    weights = ModelWeights(
+        layers=[LayerWeights(w(4 * H, BIG_INPUT), w(4 * H, H), w(4 * H), w(4 * H))], head=(w(8, H), w(8))
+    )
+    directory = root / BIG
+    directory.mkdir(parents=True)
+    save_npz(weights, directory / "weights.npz")
+    (directory / "model.toml").write_text('description = "benchmark: random weights"\nweights = "weights.npz"\n')
+    return root
+
+
+def throughput(target: str, model: str, load: Load, seconds: float) -> tuple[float, float, int]:
+    """Returns steps/s, messages/s and the error count of a bounded run."""
+    config = LoadConfig(
+        target=target,
+        model=model,
+        sessions=load.sessions,
+        steps=10**9,  # the duration is the bound
+        steps_per_message=load.steps_per_message,
+        mode=load.mode,  # type: ignore[arg-type]
+        sessions_per_stream=load.per_stream,
+        duration=seconds,
+    )
+    result = asyncio.run(run_load(config))
+    s = result.summary()
+    return float(s["steps_per_s"]), float(s["messages_per_s"]), sum(result.errors.values())  # type: ignore[arg-type]
+
+
+def mean_batch(server: Server, before: tuple[float, float]) -> float:
+    total = server.metric_sum("lstm_batch_size_sum") - before[0]
+    count = server.metric_sum("lstm_batch_size_count") - before[1]
+    return total / count if count else 0.0
+
+
+def batch_counters(server: Server) -> tuple[float, float]:
+    return server.metric_sum("lstm_batch_size_sum"), server.metric_sum("lstm_batch_size_count")
+
+
+async def _create_sessions(target: str, n: int) -> list[str]:
+    async with AsyncClient(target) as client:
+        gate = asyncio.Semaphore(128)
+
+        async def one() -> str:
+            async with gate:
+                return (await client.create_session(DEMO)).id
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def _step_each(target: str, ids: list[str], input_size: int) -> None:
+    x = np.zeros(input_size, np.float32)
+    async with AsyncClient(target) as client:
+        gate = asyncio.Semaphore(128)
+
+        async def one(session_id: str) -> None:
+            async with gate:
+                await client._stub.Step(step_request(session_id, 1, x))
+
+        await asyncio.gather(*(one(i) for i in ids))
+
+
+def memory_per_session(model_dir: Path, sessions: int) -> dict[str, float]:
+    """RSS growth of the server process per session: idle (just created) and after one step (state + stored reply)."""
+    with lstm_server(model_dir, "--models", DEMO, "--session-ttl", "0") as server, Client(server.target) as client:
+        info = client.get_model(DEMO)
+        base = server.rss_bytes()
+        ids = asyncio.run(_create_sessions(server.target, sessions))
+        idle = server.rss_bytes()
+        asyncio.run(_step_each(server.target, ids, info.input_size))
+        stepped = server.rss_bytes()
+    state = 2 * info.num_layers * info.hidden_size * 4
+    return {
+        "state_bytes": state,
+        "idle_per_session": (idle - base) / sessions,
+        "stepped_per_session": (stepped - base) / sessions,
+        "target": state + 512,
+    }
+
+
+def time_to_serving(model_dir: Path) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = lstm_serve_argv(model_dir, "--models", DEMO)
+    argv[argv.index("--port") + 1] = str(port)
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.perf_counter() - start < 60:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - start
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.01)
+        raise TimeoutError("not SERVING after 60 s")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _fmt(row: Row) -> str:
+    ratio = row.ratio()
+    ceiling = f"{row.ceiling:,.0f}" if row.ceiling else ""
+    value = f"{row.value:.2f}" if row.unit == "x" else f"{row.value:,.0f}"
+    shown_ratio = f"{ratio:.2f}" if ratio else ""
+    return f"| {row.scenario} | {value} {row.unit} | {ceiling} | {shown_ratio} | {row.target} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each throughput run")
+    parser.add_argument("--sessions-for-memory", type=int, default=100_000)
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/performance.md")
+    args = parser.parse_args()
+    rows: list[Row] = []
+
+    def emit(row: Row) -> None:
+        rows.append(row)
+        print(_fmt(row), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp)
+        (model_dir / DEMO).symlink_to(REPO / "models" / DEMO)
+        make_big_model(model_dir)
+
+        # 1. sequential unary latency, interleaved runs, medians
+        echo_p50, echo_p99, our_p50, our_p99 = [], [], [], []
+        for _ in range(3):
+            with echo_server() as echo:
+                e = sequential_latency(echo.target, "echo", 2000)
+            with lstm_server(model_dir, "--models", DEMO) as server, Client(server.target) as client:
+                session = client.create_session(DEMO, ttl=0)
+                o = sequential_latency(server.target, session.id, 2000)
+            echo_p50.append(e["p50_us"])
+            echo_p99.append(e["p99_us"])
+            our_p50.append(o["p50_us"])
+            our_p99.append(o["p99_us"])
+        med = statistics.median
+        emit(Row("sequential unary Step, p50 latency (demo)", med(our_p50), "us", med(echo_p50), "<= 1.2 x echo"))
+        emit(Row("sequential unary Step, p99 latency (demo)", med(our_p99), "us", med(echo_p99)))
+
+        # 2. throughput, demo model vs echo carrying the same payloads
+        demo_loads = [
+            Load("unary", 64),
+            Load("unary", 256),
+            Load("unary", 64, steps_per_message=16),
+            Load("stream", 64),
+            Load("stream", 256),
+            Load("stream", 256, per_stream=16),
+            Load("stream", 256, per_stream=16, steps_per_message=16),
+        ]
+        echo_rates: dict[Load, float] = {}
+        with echo_server(input_size=1) as echo:
+            for load in demo_loads:
+                echo_rates[load] = throughput(echo.target, DEMO, load, args.seconds)[1]
+        with lstm_server(model_dir, "--models", DEMO) as server:
+            for load in demo_loads:
+                before = batch_counters(server)
+                steps, _, errors = throughput(server.target, DEMO, load, args.seconds)
+                target = ""
+                if load == Load("stream", 64):
+                    target = ">= 0.9 x echo msg/s"
+                elif load.steps_per_message == 16 and load.per_stream > 1:
+                    target = ">= 3 x echo msg/s"
+                batch = mean_batch(server, before)
+                label = f"demo, {load.label()}: steps/s (mean batch {batch:.1f}, errors {errors})"
+                emit(Row(label, steps, "steps/s", echo_rates[load], target))
+
+        # 3. the big model: batching on and off
+        big_loads = [Load("unary", 64), Load("stream", 256, per_stream=16)]
+        with echo_server(input_size=BIG_INPUT) as echo:
+            big_echo = {load: throughput(echo.target, BIG, load, args.seconds)[1] for load in big_loads}
+        big: dict[tuple[Load, bool], float] = {}
+        for batching in (True, False):
+            flags = ["--models", BIG] + ([] if batching else ["--max-batch", "1"])
+            with lstm_server(model_dir, *flags) as server:
+                for load in big_loads:
+                    before = batch_counters(server)
+                    steps, _, errors = throughput(server.target, BIG, load, args.seconds)
+                    batch = mean_batch(server, before)
+                    big[(load, batching)] = steps
+                    state = "on" if batching else "off"
+                    target = "mean batch >= 16" if batching and load.sessions == 256 else ""
+                    label = (
+                        f"H=512, {load.label()}, batching {state}: steps/s (mean batch {batch:.1f}, errors {errors})"
+                    )
+                    emit(Row(label, steps, "steps/s", big_echo[load], target))
+        for load in big_loads:
+            gain = big[(load, True)] / max(big[(load, False)], 1e-9)
+            emit(
+                Row(
+                    f"H=512, {load.label()}: batching on / off", gain, "x", None, ">= 2" if load.sessions == 256 else ""
+                )
+            )
+
+        # 4. memory and start-up
+        mem = memory_per_session(model_dir, args.sessions_for_memory)
+        emit(Row("state per session (2 L H 4 bytes, demo)", mem["state_bytes"], "B"))
+        n = args.sessions_for_memory
+        emit(
+            Row(
+                f"RSS per idle session ({n:,} sessions)",
+                mem["idle_per_session"],
+                "B",
+                None,
+                f"<= {mem['target']:.0f} B",
+            )
+        )
+        emit(
+            Row(
+                f"RSS per session after one step ({n:,})",
+                mem["stepped_per_session"],
+                "B",
+                None,
+                f"<= {mem['target']:.0f} B",
+            )
+        )
+        startup = statistics.median(time_to_serving(model_dir) for _ in range(3))
+        emit(Row("process start to health SERVING (demo)", startup * 1e3, "ms"))
+
+    if not args.no_write:
+        write_report(rows, args)
+
+
+def write_report(rows: list[Row], args: argparse.Namespace) -> None:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    versions = ", ".join(f"{p} {version(p)}" for p in ("grpcio", "protobuf", "numpy", "onnxruntime"))
+    lines = [
+        "# Performance",
+        "",
+        "Measured by `make bench` (bench/run.py) in one run: every lstm-serve figure beside the same load against",
+        "`bench/echo_server.py`, a grpc.aio server with the same protos whose Step/StreamSteps echo the inputs (the",
+        "framework's ceiling). Servers are separate processes; the load generator (lstm-loadtest's engine) shares the",
+        f"machine, so client and server compete for the {os.cpu_count()} cores. Each throughput run lasts",
+        f"{args.seconds:g} s. Ratios are lstm-serve steps/s over echo messages/s (for latency: over echo latency).",
+        "",
+        f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {versions}.",
+        f"Run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| scenario | lstm-serve | echo ceiling | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+        *(_fmt(r) for r in rows),
+        "",
+        "Models: demo = `models/elnino` (I=1, 2 x LSTM(32), O=1, computed on the event loop);",
+        "H=512 = I=16, 1 x LSTM(512), O=8, random weights (computed in one compute thread, BLAS pinned to 1 thread).",
+        "Batching off = `--max-batch 1`.",
+        "",
+    ]
+    (REPO / "docs" / "performance.md").write_text("\n".join(lines))
+    print("wrote docs/performance.md")
+
+
+if __name__ == "__main__":
+    main()

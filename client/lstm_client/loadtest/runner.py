@@ -205,8 +205,8 @@ async def _verify(client: AsyncClient, config: LoadConfig, result: LoadResult) -
     for record in result.sessions:
         if record.failed or not record.inputs:
             continue
-        xs = np.concatenate([x.reshape(-1, x.shape[-1]) for x in record.inputs])
-        ys = np.concatenate([y.reshape(len(x), -1) for x, y in zip(record.inputs, record.outputs, strict=True)])
+        xs = np.concatenate([np.atleast_2d(x) for x in record.inputs])
+        ys = np.concatenate([np.atleast_2d(y) for y in record.outputs])
         try:
             expected = (await client.predict(config.model, xs)).outputs
         except LstmError:

@@ -31,8 +31,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP) proto-check
-	$(BIN)/ruff check client server tests models bench
-	$(BIN)/ruff format --check client server tests models bench
+	$(BIN)/ruff check client server tests models bench deploy
+	$(BIN)/ruff format --check client server tests models bench deploy
 	$(BIN)/mypy
 
 bench: $(STAMP)

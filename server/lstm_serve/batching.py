@@ -63,10 +63,6 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
-    @property
-    def inline(self) -> bool:
-        return self._executor is None
-
     async def submit(self, x: F32, state: F32) -> StepResult:
         """x (T, I) already validated; state (2, L, H) is read, never written."""
         if self._executor is None:

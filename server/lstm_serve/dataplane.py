@@ -125,12 +125,6 @@ class DataPlane:
     def sweep(self) -> int:
         return self.store.sweep()
 
-    def computes_inline(self, session_id: str) -> bool:
-        """Whether a step of this session is computed on the event loop (so awaiting it costs no thread hop).
-        Unknown sessions count as inline: their step fails at once."""
-        session = self.store.peek(session_id)
-        return session is None or self._batchers[session.model].inline
-
     # --- steps --------------------------------------------------------------------------------------------------
 
     async def step(self, session_id: str, seq: int, x: F32) -> StepOutcome:

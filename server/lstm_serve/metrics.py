@@ -75,6 +75,7 @@ class Metrics:
         )
         self._rpc_children: dict[tuple[str, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
+        self._stream_children: dict[str, Counter] = {}
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -89,6 +90,12 @@ class Metrics:
             histogram = self._duration_children[method] = self.rpc_duration.labels(method=method)
         counter.inc()
         histogram.observe(seconds)
+
+    def stream_request(self, code: str) -> None:
+        counter = self._stream_children.get(code)
+        if counter is None:
+            counter = self._stream_children[code] = self.stream_requests.labels(code=code)
+        counter.inc()
 
     def session_ended(self, model: str, reason: str) -> None:
         self.sessions_active.labels(model=model).dec()

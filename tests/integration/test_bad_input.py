@@ -20,7 +20,7 @@ from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client.errors import ERROR_METADATA_KEY
 from lstm_client.tensor import from_tensor, to_tensor
 from tests.golden import TOLERANCE, golden
-from tests.integration.conftest import RunningServer
+from tests.servers import RunningServer
 
 MODEL = "golden_l3_head"
 G = golden(MODEL)

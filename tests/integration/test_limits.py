@@ -12,7 +12,7 @@ import pytest
 
 from lstm_client import Client, ResourceExhausted, SessionGone
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
-from tests.integration.conftest import model_repository, start_server, stop_server, test_settings
+from tests.servers import model_repository, start_server, stop_server, test_settings
 
 
 def test_max_sessions_evicts_the_least_recently_used(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from lstm_client import Client, NotFound
-from tests.integration.conftest import RunningServer
+from tests.servers import RunningServer
 
 
 def _scrape(server: RunningServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests.golden import REPO
-from tests.integration.conftest import RunningServer
+from tests.servers import RunningServer
 
 
 def test_readme_example(server: RunningServer) -> None:

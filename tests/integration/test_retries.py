@@ -12,7 +12,7 @@ import pytest
 
 from lstm_client import Client, RetryPolicy, Unavailable
 from tests.golden import TOLERANCE, golden
-from tests.integration.conftest import RunningServer
+from tests.servers import RunningServer
 
 
 class _LostReply(grpc.RpcError, grpc.Call):

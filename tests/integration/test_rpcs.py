@@ -9,7 +9,7 @@ import pytest
 
 from lstm_client import AlreadyExists, AsyncClient, Client, InvalidArgument, NotFound, SessionGone
 from tests.golden import TOLERANCE, golden
-from tests.integration.conftest import RunningServer
+from tests.servers import RunningServer
 
 
 def test_list_models_reports_the_served_and_the_broken(client: Client) -> None:

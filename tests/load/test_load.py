@@ -20,7 +20,7 @@ import pytest
 
 from lstm_client.loadtest import LoadConfig, run_load
 from lstm_serve.engine.repository import load_model
-from tests.integration.conftest import RunningServer, model_repository, start_server, stop_server, test_settings
+from tests.servers import RunningServer, model_repository, start_server, stop_server, test_settings
 
 MODEL = "golden_l2_wide"
 

@@ -26,6 +26,36 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[["LstmServicer", Req, Context], Awaitable[Resp]]
 
 STREAM_WINDOW = 256  # requests of one stream in flight (computing or waiting to be sent) at most
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _request_id(context: Context) -> str | None:
+    """The caller's request id from the call metadata, for correlating our logs with theirs."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)[:128]
+    return None
+
+
+def _log_outcome(
+    method: str, request: object, request_id: str | None, code: grpc.StatusCode, message: str, seconds: float
+) -> None:
+    """One line per finished call: DEBUG when OK, INFO for a refused request, ERROR for INTERNAL. Costs nothing on
+    the fast path when the level is off."""
+    level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
+    if code == grpc.StatusCode.INTERNAL:
+        level = logging.ERROR
+    if not log.isEnabledFor(level):
+        return
+    fields = {
+        "method": method,
+        "code": code.name,
+        "session_id": getattr(request, "session_id", None) or None,
+        "seq": getattr(request, "seq", None),
+        "request_id": request_id,
+        "duration_ms": round(seconds * 1e3, 3),
+    }
+    log.log(level, "%s %s%s", method, code.name, f": {message}" if message else "", extra=fields)
 
 
 def _unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -36,10 +66,11 @@ def _unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     async def wrapper(self: LstmServicer, request: Req, context: Context) -> Resp:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        message = ""
         try:
             return await handler(self, request, context)
         except LstmServeError as exc:
-            code = status_code(exc)
+            code, message = status_code(exc), exc.message
             context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
             await context.abort(code, exc.message)
             raise  # abort() raises; this line only satisfies the type checker
@@ -47,12 +78,14 @@ def _unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            log.exception("%s failed", method)
+            log.exception("%s failed", method, extra={"request_id": _request_id(context)})
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, INTERNAL_MESSAGE)
             raise
         finally:
-            self._record(method, code, start)
+            elapsed = self._record(method, code, start)
+            request_id = _request_id(context) if code != grpc.StatusCode.OK else None  # read only when logged
+            _log_outcome(method, request, request_id, code, message, elapsed)
 
     return wrapper
 
@@ -62,8 +95,10 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
         self.plane = plane
         self.metrics = plane.metrics
 
-    def _record(self, method: str, code: grpc.StatusCode, start: float) -> None:
-        self.metrics.rpc_finished(method, code.name, time.perf_counter() - start)
+    def _record(self, method: str, code: grpc.StatusCode, start: float) -> float:
+        elapsed = time.perf_counter() - start
+        self.metrics.rpc_finished(method, code.name, elapsed)
+        return elapsed
 
     @_unary
     async def ListModels(self, request: lstm_pb2.ListModelsRequest, context: Context) -> lstm_pb2.ListModelsResponse:
@@ -114,51 +149,24 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
     async def StreamSteps(
         self, request_iterator: AsyncIterator[lstm_pb2.StepRequest], context: Context
     ) -> AsyncIterator[lstm_pb2.StepReply]:
-        """Answers each request in turn while they are for models computed on the event loop: a plain read-compute-
-        reply loop in this one task, as cheap as gRPC allows. At the first request for a model computed in threads,
-        the rest of the stream is handed to a reader task that handles requests concurrently (so the sessions of one
-        stream batch together) and replies as they finish. One session's requests keep their order either way (the
-        data plane's per-session lock)."""
+        """Requests are handled concurrently, so that the sessions sharing a stream batch together, and answered as
+        they finish; one session's requests keep their order through the data plane's per-session lock. (Handling
+        them in turn saves a task per request but loses the batching within a stream: measured slower, see
+        docs/performance.md.)"""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
-        try:
-            requests = aiter(request_iterator)
-            async for request in requests:
-                if self.plane.computes_inline(request.session_id):
-                    yield await self._stream_step(request)
-                    continue
-                async for reply in self._concurrent_stream(request, requests):
-                    yield reply
-                break
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            log.exception("StreamSteps failed")
-            code = grpc.StatusCode.INTERNAL
-            await context.abort(code, INTERNAL_MESSAGE)
-        finally:
-            self._record("StreamSteps", code, start)
-
-    async def _concurrent_stream(
-        self, first: lstm_pb2.StepRequest, requests: AsyncIterator[lstm_pb2.StepRequest]
-    ) -> AsyncIterator[lstm_pb2.StepReply]:
+        request_id = _request_id(context)
         replies: asyncio.Queue[lstm_pb2.StepReply | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def answer(request: lstm_pb2.StepRequest) -> None:
-            replies.put_nowait(await self._stream_step(request))
+            replies.put_nowait(await self._stream_step(request, request_id))
 
         async def read() -> None:
             async with asyncio.TaskGroup() as tasks:
-                await window.acquire()
-                tasks.create_task(answer(first))
-                async for request in requests:
+                async for request in request_iterator:
                     await window.acquire()
-                    if self.plane.computes_inline(request.session_id):
-                        await answer(request)  # no task needed; this session's order is kept by construction
-                    else:
-                        tasks.create_task(answer(request))
+                    tasks.create_task(answer(request))
 
         reader = asyncio.create_task(read())
         reader.add_done_callback(lambda _: replies.put_nowait(None))
@@ -167,10 +175,19 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
                 window.release()
                 yield reply
             await reader  # re-raises a failure of the request side
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            log.exception("StreamSteps failed", extra={"request_id": request_id})
+            code = grpc.StatusCode.INTERNAL
+            await context.abort(code, INTERNAL_MESSAGE)
         finally:
             reader.cancel()
+            elapsed = self._record("StreamSteps", code, start)
+            _log_outcome("StreamSteps", None, request_id, code, "", elapsed)
 
-    async def _stream_step(self, request: lstm_pb2.StepRequest) -> lstm_pb2.StepReply:
+    async def _stream_step(self, request: lstm_pb2.StepRequest, request_id: str | None) -> lstm_pb2.StepReply:
         reply = lstm_pb2.StepReply(session_id=request.session_id, seq=request.seq)
         code = grpc.StatusCode.OK
         try:
@@ -180,9 +197,11 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
         except LstmServeError as exc:
             code = status_code(exc)
             reply.error.CopyFrom(error_detail(code, exc.message, exc))
+            _log_outcome("StreamSteps.request", request, request_id, code, exc.message, 0.0)
         except Exception:
-            log.exception("StreamSteps request for session %s seq %d failed", request.session_id, request.seq)
+            extra = {"session_id": request.session_id, "seq": request.seq, "request_id": request_id}
+            log.exception("StreamSteps request failed", extra=extra)
             code = grpc.StatusCode.INTERNAL
             reply.error.CopyFrom(error_detail(code, INTERNAL_MESSAGE))
-        self.metrics.stream_requests.labels(code=code.name).inc()
+        self.metrics.stream_request(code.name)
         return reply

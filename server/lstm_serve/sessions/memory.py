@@ -85,10 +85,6 @@ class MemorySessionStore:
             raise self._not_found(session_id)
         return session
 
-    def peek(self, session_id: str) -> Session | None:
-        """The live session, without expiry checks or errors; for routing decisions only."""
-        return self._live.get(session_id)
-
     def touch(self, session: Session) -> None:
         if self._live.get(session.id) is not session:
             raise self._not_found(session.id)

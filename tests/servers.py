@@ -1,15 +1,13 @@
-"""A real server on 127.0.0.1 (port 0), run by the real App in a background thread, driven by the real client."""
+"""A real server on 127.0.0.1 (port 0), run by the real App in a background thread, for tests to drive with the real
+client."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from lstm_client import Client
 from lstm_serve.app import App
@@ -107,16 +105,3 @@ def test_settings(model_dir: Path, **overrides: object) -> Settings:
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running, handle = start_server(test_settings(model_repository(tmp_path_factory.mktemp("models"))))
-    yield running
-    stop_server(running, handle)
-
-
-@pytest.fixture
-def client(server: RunningServer) -> Iterator[Client]:
-    with server.client() as c:
-        yield c

@@ -1,0 +1,178 @@
+"""The deployment configuration, proven with the real programs: docker-compose, promtool, Prometheus.
+
+The tools come from Debian's packages (.ci/run installs them). Outside CI a missing tool skips its test; in CI
+(CI=true) it fails, so a broken install can never pass as green.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lstm_client import Client
+from tests.golden import REPO
+from tests.servers import RunningServer
+
+DEPLOY = REPO / "deploy"
+RATE_WINDOW = "30s"  # stands in for Grafana's $__rate_interval
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed: .ci/run must install it")
+        pytest.skip(f"{name} not installed (apt-get install {'docker-compose' if 'compose' in name else 'prometheus'})")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((DEPLOY / "grafana" / "dashboards" / "lstm-serve.json").read_text())
+    return loaded
+
+
+def _dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in _dashboard()["panels"] for t in p["targets"]]
+
+
+def test_compose_file_is_valid() -> None:
+    compose = _tool("docker-compose")
+    result = subprocess.run(
+        [compose, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for service in ("lstm-serve:", "prometheus:", "grafana:"):
+        assert service in result.stdout
+
+
+def test_promtool_accepts_config_and_rules() -> None:
+    promtool = _tool("promtool")
+    config = subprocess.run(
+        [promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")], capture_output=True, text=True
+    )
+    assert config.returncode == 0, config.stdout + config.stderr
+    rules = subprocess.run(
+        [promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")], capture_output=True, text=True
+    )
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert "SUCCESS: 7 rules found" in rules.stdout
+
+
+def test_promtool_accepts_the_live_metrics(server: RunningServer, client: Client) -> None:
+    promtool = _tool("promtool")
+    with client.create_session("golden_l1_nohead") as session:
+        session.step(np.zeros(3))
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read()
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+    assert result.stdout.decode().strip() == "", result.stdout.decode()  # no naming-convention complaints
+
+
+def test_dashboard_json_is_generated_from_its_script() -> None:
+    spec = importlib.util.spec_from_file_location("make_dashboard", DEPLOY / "grafana" / "make_dashboard.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.dashboard() == _dashboard(), "run: python deploy/grafana/make_dashboard.py"
+
+
+@pytest.fixture
+def prometheus(server: RunningServer, tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus with the deployment's config, pointed at the test server and sped up for a test."""
+    binary = _tool("prometheus")
+    config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    config = config.replace("lstm-serve:9464", f"127.0.0.1:{server.app.metrics_port}")
+    config = re.sub(r"(scrape|evaluation)_interval: \S+", r"\1_interval: 1s", config)
+    config = config.replace("- alerts.yml", f"- {DEPLOY / 'prometheus' / 'alerts.yml'}")
+    (tmp_path / "prometheus.yml").write_text(config)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),  # noqa: SIM115 - closed with the process
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"Prometheus not ready: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _api(url: str, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"{url}/api/v1/{path}?{query}", timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_prometheus_scrapes_the_server_and_every_expression_evaluates(
+    prometheus: str, server: RunningServer, client: Client
+) -> None:
+    deadline = time.monotonic() + 60
+    steps_rate: list[Any] = []
+    while time.monotonic() < deadline and not steps_rate:
+        with client.create_session("golden_l3_head") as session:  # traffic, bounded: 20 steps per round
+            for _ in range(20):
+                session.step(np.zeros(4))
+        time.sleep(0.5)
+        steps_rate = _api(prometheus, "query", query=f"sum(rate(lstm_steps_total[{RATE_WINDOW}])) > 0")["result"]
+    assert steps_rate, "no step rate arrived in Prometheus within 60 s"
+    assert float(steps_rate[0]["value"][1]) > 0
+
+    up = _api(prometheus, "query", query='up{job="lstm-serve"}')["result"]
+    assert [float(s["value"][1]) for s in up] == [1.0]
+
+    for expr in _dashboard_exprs():
+        data = _api(prometheus, "query", query=expr.replace("$__rate_interval", RATE_WINDOW))
+        assert data["resultType"] == "vector", expr
+
+    deadline = time.monotonic() + 30
+    while True:  # wait until every rule has been evaluated at least once
+        groups = _api(prometheus, "rules")["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        if rules and all(r.get("lastEvaluation", "").startswith("2") and r["health"] != "unknown" for r in rules):
+            break
+        assert time.monotonic() < deadline, rules
+        time.sleep(0.5)
+    assert len(rules) == 7
+    bad = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
+    assert bad == {}

@@ -28,7 +28,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
     (
         "RPC latency p50",
         "s",
-        [("{{method}}", f"histogram_quantile(0.5, sum by (le, method) (rate(lstm_rpc_duration_seconds_bucket[{R}])))")],  # noqa: E501
+        [("{{method}}", f"histogram_quantile(0.5, sum by (le, method) (rate(lstm_rpc_duration_seconds_bucket[{R}])))")],
         "Median time from receiving a call to its reply.",
     ),
     (
@@ -39,7 +39,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
                 "{{method}}",
                 f"histogram_quantile(0.99, sum by (le, method) (rate(lstm_rpc_duration_seconds_bucket[{R}])))",
             )
-        ],  # noqa: E501
+        ],
         "99th percentile; the alert LstmServeStepLatencyHigh watches Step's.",
     ),
     (

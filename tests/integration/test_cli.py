@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,10 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
+import pytest
 
-from lstm_client import Client
+from lstm_client import Client, SequenceError
 from tests.golden import REPO
 
 LSTM_SERVE = [sys.executable, "-m", "lstm_serve.cli"]
@@ -85,3 +89,50 @@ def test_inspect_reports_a_broken_file(tmp_path: Path) -> None:
     result = subprocess.run([*LSTM_SERVE, "inspect", str(bad)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "no LSTM layer" in result.stderr
+
+
+def test_json_logs_carry_session_seq_and_request_id() -> None:
+    env = os.environ | {"LSTM_SERVE_LOG_JSON": "true", "LSTM_SERVE_MODEL_DIR": str(REPO / "models")}
+    proc = subprocess.Popen(
+        [*LSTM_SERVE, "serve", "--port", "0", "--metrics-port", "-1"], stderr=subprocess.PIPE, text=True, env=env
+    )
+    log: list[str] = []
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        port = 0
+        while not port and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            log.append(line)
+            entry = json.loads(line)
+            if m := re.search(r"on 127\.0\.0\.1:(\d+),", entry["message"]):
+                port = int(m.group(1))
+        with Client(f"127.0.0.1:{port}", interceptors=[_RequestId("req-42")]) as client:
+            session = client.create_session("elnino")
+            session.seq = 6  # out of order on purpose
+            with pytest.raises(SequenceError):
+                session.step([26.0])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        entries = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    refused = [e for e in entries if e.get("method") == "Step"]
+    assert len(refused) == 1
+    entry = refused[0]
+    assert entry["level"] == "INFO"
+    assert entry["code"] == "FAILED_PRECONDITION"
+    assert (entry["session_id"], entry["seq"], entry["request_id"]) == (session.id, 7, "req-42")
+    assert "the next step must carry seq 1" in entry["message"]
+
+
+class _RequestId(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Adds x-request-id to every call, as a caller's tracing middleware would."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("x-request-id", self.request_id)]
+        return continuation(details._replace(metadata=metadata), request)

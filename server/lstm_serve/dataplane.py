@@ -64,6 +64,8 @@ class DataPlane:
             )
             for name, model in repository.models.items()
         }
+        # one shared, immutable zero state per model: a new or reset session costs no state memory of its own
+        self._zero_states = {name: m.zero_state().tobytes() for name, m in repository.models.items()}
         # label lookups cost microseconds on the step path: resolve each model's series once
         self._steps = {name: metrics.steps.labels(model=name) for name in repository.models}
         self._replayed = {name: metrics.replayed_steps.labels(model=name) for name in repository.models}
@@ -97,7 +99,7 @@ class DataPlane:
         if idle_ttl is not None and idle_ttl < 0:
             raise InvalidInput("idle_ttl must be >= 0 (0 = never expire)")
         model = self.model(model_name)
-        session = self.store.create(model_name, model.zero_state(), session_id, idle_ttl)
+        session = self.store.create(model_name, self._zero_states[model_name], session_id, idle_ttl)
         self.metrics.sessions_created.labels(model=model_name).inc()
         self.metrics.sessions_active.labels(model=model_name).inc()
         return session
@@ -109,7 +111,7 @@ class DataPlane:
         await self._locks.acquire(session_id)  # never between the compute and the commit of a step
         try:
             session = self.store.get(session_id)
-            session.reset()
+            session.state = self._zero_states[session.model]
             self.store.touch(session)
             return session
         finally:
@@ -139,7 +141,8 @@ class DataPlane:
             model = self.model(session.model)
             xs, single = self._check_inputs(x, model.info)
             digest = zlib.crc32(xs.tobytes())
-            if seq == session.seq and session.last_outputs is not None:
+            last_outputs = session.last_outputs(model.info.output_size) if seq == session.seq else None
+            if last_outputs is not None:
                 if digest != session.last_digest:
                     raise SequenceMismatch(
                         f"seq {seq} was already applied with different inputs; the next seq is {seq + 1}",
@@ -147,17 +150,18 @@ class DataPlane:
                         reason="retry_mismatch",
                     )
                 self._replayed[model.info.name].inc()
-                return StepOutcome(session.id, seq, session.last_outputs, replayed=True)
+                return StepOutcome(session.id, seq, last_outputs, replayed=True)
             if seq != session.seq + 1:
                 raise SequenceMismatch(
                     f"seq {seq} is out of order: session {session_id!r} has applied seq {session.seq}, "
                     f"the next step must carry seq {session.seq + 1}",
                     expected_seq=session.seq + 1,
                 )
-            ys, state = await self._batchers[model.info.name].submit(xs, session.state)
+            state = session.state_array(model.info.state_shape)
+            ys, new_state = await self._batchers[model.info.name].submit(xs, state)
             self.store.touch(session)  # raises SessionNotFound if it was evicted or expired while computing
             outputs = ys[0] if single else ys
-            session.apply(seq, state, outputs, digest)
+            session.apply(seq, new_state.tobytes(), outputs, digest)
             self._steps[model.info.name].inc(len(xs))
             return StepOutcome(session.id, seq, outputs, replayed=False)
         finally:

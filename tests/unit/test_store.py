@@ -39,8 +39,8 @@ def _store(clock: Clock, **kwargs: float) -> tuple[MemorySessionStore, list[tupl
     return store, ended
 
 
-def _state() -> np.ndarray:
-    return np.zeros((2, 1, 4), np.float32)
+def _state() -> bytes:
+    return np.zeros((2, 1, 4), np.float32).tobytes()
 
 
 def test_idle_session_expires_after_its_ttl(clock: Clock) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from lstm_serve.engine.cell import F32
 from lstm_serve.errors import SessionExists, SessionNotFound
 from lstm_serve.sessions.store import EndReason, Session, new_session_id, validate_session_id
 
@@ -51,7 +50,7 @@ class MemorySessionStore:
     def __len__(self) -> int:
         return len(self._live)
 
-    def create(self, model: str, state: F32, session_id: str | None, idle_ttl: float | None) -> Session:
+    def create(self, model: str, state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
         if session_id:
             validate_session_id(session_id)
             if session_id in self._live:

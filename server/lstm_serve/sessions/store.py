@@ -26,29 +26,40 @@ class EndReason(StrEnum):
 class Session:
     """All a session is: its recurrent state, where it is in its sequence, and the last reply (for retries).
 
-    `state` is replaced, never written into, so a step computed from it can be dropped without harm.
+    The state and the reply are immutable `bytes` of float32: a step computed from the state can be dropped without
+    harm (the state is replaced, never written into), sessions that never stepped share their model's zero state,
+    and each costs a 33-byte header instead of an ndarray's ~110 (see docs/performance.md, memory per session).
     """
 
     id: str
     model: str
-    state: F32  # (2, L, H): h then c of every layer
+    state: bytes  # float32 (2, L, H): h then c of every layer
     created: float
     last_used: float
     idle_ttl: float  # seconds; 0 = no idle expiry
     seq: int = 0
     steps: int = 0
-    last_outputs: F32 | None = None
-    last_digest: int = 0
+    last_reply: bytes | None = None  # float32 outputs of step `seq`
+    last_single: bool = True  # the reply's shape: (O,) if True, else (T, O)
+    last_digest: int = 0  # CRC-32 of step `seq`'s inputs
 
-    def apply(self, seq: int, state: F32, outputs: F32, digest: int) -> None:
+    def apply(self, seq: int, state: bytes, outputs: F32, digest: int) -> None:
         self.state = state
         self.seq = seq
         self.steps += len(outputs) if outputs.ndim == 2 else 1
-        self.last_outputs = outputs
+        self.last_reply = outputs.tobytes()
+        self.last_single = outputs.ndim == 1
         self.last_digest = digest
 
-    def reset(self) -> None:
-        self.state = np.zeros_like(self.state)
+    def state_array(self, shape: tuple[int, int, int]) -> F32:
+        """A read-only view of the state, shape (2, L, H)."""
+        return np.frombuffer(self.state, dtype=np.float32).reshape(shape)
+
+    def last_outputs(self, output_size: int) -> F32 | None:
+        if self.last_reply is None:
+            return None
+        ys = np.frombuffer(self.last_reply, dtype=np.float32)
+        return ys if self.last_single else ys.reshape(-1, output_size)
 
 
 def new_session_id() -> str:
@@ -63,7 +74,7 @@ def validate_session_id(session_id: str) -> str:
 
 
 class SessionStore(Protocol):
-    def create(self, model: str, state: F32, session_id: str | None, idle_ttl: float | None) -> Session:
+    def create(self, model: str, state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
         """Raises SessionExists when a live session has `session_id`."""
         ...
 

@@ -98,7 +98,7 @@ class DataPlane:
     def create_session(self, model_name: str, session_id: str | None, idle_ttl: float | None) -> Session:
         if idle_ttl is not None and idle_ttl < 0:
             raise InvalidInput("idle_ttl must be >= 0 (0 = never expire)")
-        model = self.model(model_name)
+        self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
         session = self.store.create(model_name, self._zero_states[model_name], session_id, idle_ttl)
         self.metrics.sessions_created.labels(model=model_name).inc()
         self.metrics.sessions_active.labels(model=model_name).inc()

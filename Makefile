@@ -19,7 +19,7 @@ $(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 needed (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ./client -e ./server -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -e ./client -e './server[keras]' -r requirements-dev.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

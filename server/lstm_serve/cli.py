@@ -1,4 +1,4 @@
-"""`lstm-serve serve | inspect | health | settings-reference`.
+"""`lstm-serve serve | inspect | convert | health | settings-reference`.
 
 The `serve` flags are generated from lstm_serve.config.Settings: each field is a --flag and an LSTM_SERVE_* variable.
 """
@@ -86,6 +86,40 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from lstm_serve.convert import ConvertOptions, convert
+
+    stats = {k: getattr(args, k) for k in ("input_mean", "input_std", "output_mean", "output_std") if getattr(args, k)}
+    options = ConvertOptions(
+        source_format=args.source_format,
+        backend=args.backend,
+        name=args.name,
+        description=args.description,
+        version=args.model_version,
+        prefix=args.prefix,
+        head_prefix=args.head_prefix,
+        input_features=args.input_features,
+        output_features=args.output_features,
+        normalization=stats,
+        force=args.force,
+    )
+    try:
+        out, error = convert(args.source, args.out, options)
+    except ModelLoadError as exc:
+        print(f"lstm-serve convert: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (backend {args.backend}); checked against the source weights: max difference {error:.1e}")
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -126,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise a model directory or an .npz weights file")
     inspect.add_argument("path", type=Path)
     inspect.set_defaults(func=_inspect)
+    convert = sub.add_parser(
+        "convert",
+        help="turn a PyTorch / Keras / ONNX / npz model into a served model directory",
+        description="Writes OUT/model.npz (or model.onnx) and OUT/model.toml, then checks the result against the "
+        "source weights. Sources: .safetensors or .pt (PyTorch state_dict of nn.LSTM + optional nn.Linear), .keras or "
+        ".weights.h5 (Keras 3), .onnx (native LSTM nodes), .npz (format v1).",
+    )
+    convert.add_argument("source", type=Path)
+    convert.add_argument("out", type=Path, help="model directory to write (its name is the model name)")
+    convert.add_argument("--from", dest="source_format", choices=("pytorch", "keras", "onnx", "npz"))
+    convert.add_argument("--backend", choices=("numpy", "onnx"), default="numpy", help="artifact to write")
+    convert.add_argument("--name", help="model name (default: the directory name)")
+    convert.add_argument("--description", default="")
+    convert.add_argument("--model-version", default="1")
+    convert.add_argument("--prefix", help="PyTorch: key prefix of the nn.LSTM, e.g. 'lstm.'")
+    convert.add_argument("--head-prefix", help="PyTorch: key prefix of the nn.Linear head, e.g. 'head.'")
+    convert.add_argument("--input-features", type=_names, default=(), metavar="A,B")
+    convert.add_argument("--output-features", type=_names, default=(), metavar="Y")
+    for stat in ("input-mean", "input-std", "output-mean", "output-std"):
+        convert.add_argument(f"--{stat}", type=_floats, metavar="V1,V2", help="normalisation statistics")
+    convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    convert.set_defaults(func=_convert)
     health = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 when SERVING")
     health.add_argument("--target", default="127.0.0.1:50051")
     health.add_argument("--service", default="", help="service name; empty = the whole server")

@@ -1,0 +1,155 @@
+"""The ONNX Runtime backend: serves a graph whose inputs are the input tensor plus the recurrent state and whose
+outputs are the prediction plus the new state, by default the shape of a PyTorch export:
+
+    x [batch, seq, I], h0 [L, batch, H], c0 [L, batch, H]  ->  y [batch, seq, O], hn [L, batch, H], cn [L, batch, H]
+
+Names and the layout of x / y are configurable (OnnxIO). At load the declared inputs and outputs are checked, sizes
+are read from them, a bidirectional LSTM is refused (it cannot run one step at a time), and a sequence axis frozen by
+the dynamo exporter is made symbolic again. One step = one `run` with seq = 1; ORT is pinned to one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lstm_serve.engine.cell import F32
+from lstm_serve.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxIO:
+    input: str = "x"
+    h0: str = "h0"
+    c0: str = "c0"
+    output: str = "y"
+    hn: str = "hn"
+    cn: str = "cn"
+    batch_first: bool = True  # x [batch, seq, I] and y [batch, seq, O]; False: [seq, batch, ...]
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """Chosen by measurement (docs/performance.md): one intra-op thread, sequential execution, all graph
+    optimisations. More threads only fight the event loop and the other compute thread for two cores."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: a warning per call would flood the log
+    return options
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    return [
+        d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, path: Path, io: OnnxIO = OnnxIO(), threads: int = 1) -> None:
+        self.path = path
+        self.io = io
+        try:
+            model = onnx.load(str(path))
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}: no such file") from None
+        except Exception as exc:  # onnx raises DecodeError and friends for truncated or foreign files
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+        for node in model.graph.node:
+            if node.op_type == "LSTM":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                direction = attrs.get("direction", b"forward")
+                direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+                if direction != "forward":
+                    raise ModelLoadError(
+                        f"{path}: LSTM node {node.name or node.output[0]!r} is {direction}; a {direction} LSTM needs "
+                        "the whole sequence at once and cannot be streamed step by step"
+                    )
+        inputs = {i.name: i for i in model.graph.input}
+        outputs = {o.name: o for o in model.graph.output}
+        self.input_size, self.num_layers, self.hidden_size, self.output_size = self._check_io(model, inputs, outputs)
+        self.parameters = int(sum(np.prod(init.dims) for init in model.graph.initializer))
+        self._unfreeze_seq_axis(model, inputs, outputs)
+        try:
+            self._session = ort.InferenceSession(
+                model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # unsupported op, bad graph: ORT's message names it
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the graph: {exc}") from None
+        self._outputs = [io.output, io.hn, io.cn]
+
+    def _check_io(
+        self, model: onnx.ModelProto, inputs: dict[str, Any], outputs: dict[str, Any]
+    ) -> tuple[int, int, int, int]:
+        io, path = self.io, self.path
+        for role, name, declared in (
+            ("input", io.input, inputs),
+            ("h0", io.h0, inputs),
+            ("c0", io.c0, inputs),
+            ("output", io.output, outputs),
+            ("hn", io.hn, outputs),
+            ("cn", io.cn, outputs),
+        ):
+            if name not in declared:
+                kind = "inputs" if declared is inputs else "outputs"
+                raise ModelLoadError(
+                    f"{path}: the graph has no {kind[:-1]} named {name!r} (for {role}); its {kind} are "
+                    f"{sorted(declared)}. Set the names under [onnx] in model.toml."
+                )
+            if len(_dims(declared[name])) != 3:
+                raise ModelLoadError(f"{path}: {name!r} has shape {_dims(declared[name])}; expected 3 dimensions")
+        x, y, h0 = _dims(inputs[io.input]), _dims(outputs[io.output]), _dims(inputs[io.h0])
+        batch_axis = 0 if io.batch_first else 1
+        for name, dims, axis in ((io.input, x, batch_axis), (io.h0, h0, 1), (io.c0, _dims(inputs[io.c0]), 1)):
+            if isinstance(dims[axis], int):
+                raise ModelLoadError(
+                    f"{path}: the batch axis of {name!r} is fixed to {dims[axis]} (shape {dims}); sessions are "
+                    "batched together, so export with a dynamic batch axis (dynamic_axes / dynamic_shapes)"
+                )
+        sizes = {"input size (x's last axis)": x[2], "layers (h0's first axis)": h0[0], "hidden size": h0[2]}
+        sizes["output size (y's last axis)"] = y[2]
+        for what, value in sizes.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"{path}: the {what} must be a fixed number in the graph, found {value!r}")
+        if _dims(inputs[io.c0]) != h0 or _dims(outputs[io.hn])[::2] != h0[::2]:
+            raise ModelLoadError(f"{path}: h0, c0, hn and cn must have the same shape [L, batch, H]")
+        return int(x[2]), int(h0[0]), int(h0[2]), int(y[2])
+
+    def _unfreeze_seq_axis(self, model: onnx.ModelProto, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """torch.onnx.export(dynamo=True) may declare the example's sequence length as fixed (PyTorch issue 115092),
+        and ORT would then refuse seq = 1. The graph computes shapes dynamically, so making the axis symbolic again
+        and re-running shape inference is enough (checked against PyTorch in the tests)."""
+        seq_axis = 1 if self.io.batch_first else 0
+        frozen = []
+        for value_info in (inputs[self.io.input], outputs[self.io.output]):
+            dim = value_info.type.tensor_type.shape.dim[seq_axis]
+            if dim.HasField("dim_value") and dim.dim_value != 1:
+                frozen.append(f"{value_info.name}={dim.dim_value}")
+                dim.ClearField("dim_value")
+                dim.dim_param = "seq"
+        if frozen:
+            log.warning("%s: sequence axis declared fixed (%s); made symbolic", self.path, ", ".join(frozen))
+            del model.graph.value_info[:]
+            inferred = onnx.shape_inference.infer_shapes(model)
+            model.CopyFrom(inferred)
+
+    def step(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32]:
+        io = self.io
+        xs = x[:, None, :] if io.batch_first else x[None, :, :]
+        y, hn, cn = self._session.run(
+            self._outputs,
+            {io.input: np.ascontiguousarray(xs), io.h0: np.ascontiguousarray(h), io.c0: np.ascontiguousarray(c)},
+        )
+        ys: F32 = y[:, 0] if io.batch_first else y[0]
+        return ys, hn, cn

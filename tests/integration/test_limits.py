@@ -47,7 +47,7 @@ def test_max_concurrent_rpcs(tmp_path: Path) -> None:
         streams = [stub.StreamSteps(feed(q)) for q in feeds]  # two long-lived calls hold both slots
         for q, stream in zip(feeds, streams, strict=True):
             q.put(lstm_pb2.StepRequest(session_id="nobody", seq=1))
-            assert next(stream).error.reason == "unknown_session"  # the call is running on the server
+            assert next(stream).HasField("error")  # answered in-band: the call is running on the server
         with Client(server.target, timeout=5.0) as client, pytest.raises(ResourceExhausted):
             client.list_models()
         for q in feeds:

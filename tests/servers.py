@@ -34,7 +34,8 @@ class RunningServer:
 
 def model_repository(root: Path) -> Path:
     """The demo model, every golden model, and one broken model that must not stop the others."""
-    shutil.copytree(REPO / "models" / "elnino", root / "elnino")
+    for demo in ("elnino", "macro"):
+        shutil.copytree(REPO / "models" / demo, root / demo)
     for case in CASES:
         write_model_dir(root, case, FIXTURES / f"{case}.npz")
     write_model_dir(root, "broken", root / "missing.npz")

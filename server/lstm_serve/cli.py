@@ -55,31 +55,32 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from lstm_serve.engine.model import Model
     from lstm_serve.engine.npz import load_npz
-    from lstm_serve.engine.repository import CONFIG_FILE, ModelConfig
+    from lstm_serve.engine.numpy_backend import NumpyBackend
+    from lstm_serve.engine.repository import CONFIG_FILE, load_model
 
     path: Path = args.path
-    lines = []
     try:
         if path.is_dir() and (path / CONFIG_FILE).is_file():
-            config = ModelConfig.read(path)
-            lines.append(f"model        {config.name} (version {config.version}, backend {config.backend})")
-            if config.description:
-                lines.append(f"description  {config.description}")
-            path = config.weights
-        w = load_npz(path)
+            model = load_model(path)
+        else:
+            weights = load_npz(path)
+            model = Model.from_weights(path.stem, weights, NumpyBackend(weights))
     except ModelLoadError as exc:
         print(f"lstm-serve inspect: {exc.message}", file=sys.stderr)
         return 1
-    L, H = w.num_layers, w.hidden_size
+    info = model.info
+    L, H = info.num_layers, info.hidden_size
+    lines = [f"model        {info.name} (version {info.version}, backend {info.backend})"]
+    if info.description:
+        lines.append(f"description  {info.description}")
     lines += [
-        f"weights      {path}",
-        f"input        {w.input_size} features {list(w.input_features) or ''}",
+        f"input        {info.input_size} features {list(info.input_features) or ''}",
         f"layers       {L} x LSTM(hidden={H})",
-        f"head         {'linear ' + str(H) + ' -> ' + str(w.output_size) if w.head else 'none (outputs are h)'}",
-        f"output       {w.output_size} {list(w.output_features) or ''}",
-        f"normalized   {w.normalization is not None}",
-        f"parameters   {w.parameter_count}",
+        f"output       {info.output_size} {list(info.output_features) or ''}",
+        f"normalized   {info.normalized}",
+        f"parameters   {info.parameters}",
         f"state        2 x {L} x {H} float32 = {2 * L * H * 4} bytes per session",
     ]
     print("\n".join(line.rstrip() for line in lines))

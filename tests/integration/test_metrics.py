@@ -50,7 +50,7 @@ def test_metrics_follow_the_traffic(server: RunningServer, client: Client) -> No
     assert delta("lstm_batch_size_count", model="golden_l1_nohead") == 4
     assert _value(after, "lstm_sessions_active", model="elnino") >= 0
     assert ("lstm_sessions_active", frozenset({("model", "golden_l1_nohead")})) in after
-    assert _value(after, "lstm_models_loaded") == 4
+    assert _value(after, "lstm_models_loaded") == 5
     assert _value(after, "lstm_model_load_failures") == 1
     assert _value(after, "process_resident_memory_bytes") > 0
 

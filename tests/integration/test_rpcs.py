@@ -14,7 +14,7 @@ from tests.servers import RunningServer
 
 def test_list_models_reports_the_served_and_the_broken(client: Client) -> None:
     models, failures = client.list_models_with_failures()
-    assert {m.name for m in models} == {"elnino", "golden_l1_nohead", "golden_l3_head", "golden_l2_wide"}
+    assert {m.name for m in models} == {"elnino", "macro", "golden_l1_nohead", "golden_l3_head", "golden_l2_wide"}
     assert [f.name for f in failures] == ["broken"]
     assert "no such file" in failures[0].error
 
@@ -25,7 +25,7 @@ def test_get_model(client: Client) -> None:
     assert (info.backend, info.version, info.normalized) == ("numpy", "1", False)
     demo = client.get_model("elnino")
     assert (demo.input_features, demo.output_features, demo.normalized) == (("sst_c",), ("sst_c_next_month",), True)
-    with pytest.raises(NotFound, match=r"unknown model 'nope'; served models: elnino, golden_"):
+    with pytest.raises(NotFound, match=r"unknown model 'nope'; served models: elnino, golden_.*, macro"):
         client.get_model("nope")
     with pytest.raises(NotFound, match=r"model 'broken' failed to load: .*no such file"):
         client.get_model("broken")
@@ -63,6 +63,16 @@ def test_demo_model_serves_pytorchs_forecasts(client: Client) -> None:
     with client.create_session("elnino") as session:
         got = np.array([session.step([x])[0] for x in ref["inputs"]])
     np.testing.assert_allclose(got, ref["outputs"], atol=1e-4, rtol=0)  # degrees C, values near 25
+
+
+def test_second_demo_model_runs_on_onnx_runtime_and_matches_pytorch(client: Client) -> None:
+    info = client.get_model("macro")
+    assert (info.backend, info.input_size, info.output_size, info.normalized) == ("onnx", 4, 2, True)
+    assert info.input_features == ("unemp", "infl", "tbilrate", "realgdp_growth")
+    ref = np.load("tests/fixtures/macro_reference.npz")
+    with client.create_session("macro") as session:
+        got = np.stack(list(session.stream(ref["inputs"])))
+    np.testing.assert_allclose(got, ref["outputs"], atol=1e-4, rtol=0)  # percentage points
 
 
 def test_create_get_reset_close(client: Client) -> None:

@@ -84,7 +84,7 @@ def main() -> None:
         pred = model(torch.tensor(zx[None, :-1]), zeros, zeros)[0][0].numpy() * out_std + out_mean
     actual, naive = targets[:-1], np.zeros_like(targets[:-1])  # forecast[t] is the change from t to t+1
     val = slice(TRAIN - 1, None)
-    scores: dict[str, object] = {"train_quarters": TRAIN, "validation_quarters": int(len(actual[val]))}
+    scores: dict[str, object] = {"train_quarters": TRAIN, "validation_quarters": len(actual[val])}
     for i, name in enumerate(OUTPUTS):
         scores[f"{name}_lstm_mae"] = float(np.abs(pred[val, i] - actual[val, i]).mean())
         scores[f"{name}_naive_no_change_mae"] = float(np.abs(naive[val, i] - actual[val, i]).mean())

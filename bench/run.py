@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import backends
 from bench.latency import _measure as sequential_latency
 from bench.servers import REPO, Server, echo_server, lstm_serve_argv, lstm_server
 from lstm_client import Client
@@ -34,6 +35,7 @@ from lstm_serve.engine.cell import LayerWeights
 from lstm_serve.engine.npz import save_npz
 from lstm_serve.engine.weights import ModelWeights
 
+NOTES = (Path(__file__).with_name("notes.md")).read_text().splitlines()
 DEMO = "elnino"
 BIG = "big512"
 BIG_INPUT = 16
@@ -295,11 +297,13 @@ def main() -> None:
         startup = statistics.median(time_to_serving(model_dir) for _ in range(3))
         emit(Row("process start to health SERVING (demo)", startup * 1e3, "ms"))
 
+    backend_lines = backends.markdown()
+    print("\n".join(backend_lines))
     if not args.no_write:
-        write_report(rows, args)
+        write_report(rows, args, backend_lines)
 
 
-def write_report(rows: list[Row], args: argparse.Namespace) -> None:
+def write_report(rows: list[Row], args: argparse.Namespace, backend_lines: list[str]) -> None:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -329,6 +333,8 @@ def write_report(rows: list[Row], args: argparse.Namespace) -> None:
         "H=512 = I=16, 1 x LSTM(512), O=8, random weights (computed in one compute thread, BLAS pinned to 1 thread).",
         "Batching off = `--max-batch 1`.",
         "",
+        *backend_lines,
+        *NOTES,
     ]
     (REPO / "docs" / "performance.md").write_text("\n".join(lines))
     print("wrote docs/performance.md")

@@ -28,7 +28,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.description} [env {env}; default {default}]"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif typing.get_origin(field.annotation) is list or "list" in str(field.annotation):
+        elif typing.get_origin(field.annotation) is list:
             parser.add_argument(flag, default=argparse.SUPPRESS, metavar="A,B", help=help_text)
         else:
             parser.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)

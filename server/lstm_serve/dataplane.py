@@ -19,7 +19,7 @@ from lstm_serve.engine.repository import Repository
 from lstm_serve.errors import InvalidInput, LimitExceeded, ModelNotFound, SequenceMismatch
 from lstm_serve.keyed_lock import KeyedLock
 from lstm_serve.metrics import Metrics
-from lstm_serve.sessions import MemorySessionStore, Session
+from lstm_serve.sessions import Session, SessionStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +35,13 @@ class StepOutcome:
     session_id: str
     seq: int
     outputs: F32  # (O,) or (T, O), following the request
-    replayed: bool
 
 
 class DataPlane:
     def __init__(
         self,
         repository: Repository,
-        store: MemorySessionStore,
+        store: SessionStore,
         metrics: Metrics,
         limits: Limits = Limits(),
         executor: Executor | None = None,
@@ -150,7 +149,7 @@ class DataPlane:
                         reason="retry_mismatch",
                     )
                 self._replayed[model.info.name].inc()
-                return StepOutcome(session.id, seq, last_outputs, replayed=True)
+                return StepOutcome(session.id, seq, last_outputs)
             if seq != session.seq + 1:
                 raise SequenceMismatch(
                     f"seq {seq} is out of order: session {session_id!r} has applied seq {session.seq}, "
@@ -163,7 +162,7 @@ class DataPlane:
             outputs = ys[0] if single else ys
             session.apply(seq, new_state.tobytes(), outputs, digest)
             self._steps[model.info.name].inc(len(xs))
-            return StepOutcome(session.id, seq, outputs, replayed=False)
+            return StepOutcome(session.id, seq, outputs)
         finally:
             self._locks.release(session_id)
 

@@ -105,9 +105,6 @@ class MemorySessionStore:
             self._ended.popitem(last=False)
         return len(expired)
 
-    def sessions(self) -> list[Session]:
-        return list(self._live.values())
-
     @staticmethod
     def _idle_expired(session: Session, now: float) -> bool:
         return session.idle_ttl > 0 and now - session.last_used > session.idle_ttl

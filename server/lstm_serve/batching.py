@@ -75,22 +75,29 @@ class Batcher:
             self._forming.append(_Pending(x, state, future))
             return await future
         batch = [_Pending(x, state, None)]
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._last_batch_end < BUSY_WINDOW:
+        if asyncio.get_running_loop().time() - self._last_batch_end < BUSY_WINDOW:
             self._forming = batch
             try:
                 await asyncio.sleep(self.max_wait)
-            finally:
+            except asyncio.CancelledError:  # the leader's caller went away: its followers still get their answers
                 self._forming = None
+                if len(batch) > 1:
+                    with contextlib.suppress(Exception):
+                        self._compute_inline(batch[1:])
+                raise
+            self._forming = None
+        return self._compute_inline(batch)[0]
+
+    def _compute_inline(self, batch: list[_Pending]) -> list[StepResult]:
         try:
             results = self.model.run_batch([p.x for p in batch], [p.state for p in batch])
         except Exception as exc:  # a backend failure fails this batch only; the sessions keep their old state
-            self._fail(batch[1:], exc)
+            self._fail(batch, exc)
             raise
         finally:
-            self._last_batch_end = loop.time()
+            self._last_batch_end = asyncio.get_running_loop().time()
         self._record(batch, results)
-        return results[0]
+        return results
 
     async def _submit_threaded(self, x: F32, state: F32) -> StepResult:
         loop = asyncio.get_running_loop()

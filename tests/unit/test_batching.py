@@ -108,3 +108,19 @@ async def test_keyed_lock_survives_a_cancelled_waiter() -> None:
     await asyncio.wait_for(third, 1)
     locks.release("k")
     assert len(locks) == 0
+
+
+@pytest.mark.usefixtures("generous_busy_window")
+async def test_followers_are_answered_when_their_leader_is_cancelled() -> None:
+    model = _model()
+    batcher = Batcher(model, max_batch=64, max_wait=0.05)
+    x = np.zeros((1, 4), np.float32)
+    await batcher.submit(x, model.zero_state())  # the next request counts as "busy" and leads a gathering batch
+    leader = asyncio.create_task(batcher.submit(x, model.zero_state()))
+    await asyncio.sleep(0.01)
+    followers = [asyncio.create_task(batcher.submit(x, model.zero_state())) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*followers), timeout=5)
+    assert len(results) == 3
+    assert leader.cancelled()

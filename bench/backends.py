@@ -19,6 +19,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
 from lstm_serve.convert.onnx_graph import onnx_from_weights
+from lstm_serve.engine.backend import Backend
 from lstm_serve.engine.cell import LayerWeights
 from lstm_serve.engine.numpy_backend import NumpyBackend
 from lstm_serve.engine.onnx_backend import OnnxBackend, session_options
@@ -60,7 +61,7 @@ def backend_table() -> list[tuple[str, int, int, float, float]]:
             weights = random_weights(H)
             path = Path(tmp) / f"h{H}.onnx"
             onnx.save(onnx_from_weights(weights), str(path))
-            backends = {"numpy": NumpyBackend(weights), "onnx": OnnxBackend(path)}
+            backends: dict[str, Backend] = {"numpy": NumpyBackend(weights), "onnx": OnnxBackend(path)}
             for B in (1, 64):
                 x = np.random.default_rng(1).standard_normal((B, INPUT)).astype(np.float32)
                 h = np.zeros((1, B, H), np.float32)

@@ -40,12 +40,10 @@ def _request_id(context: Context) -> str | None:
 def _log_outcome(
     method: str, request: object, request_id: str | None, code: grpc.StatusCode, message: str, seconds: float
 ) -> None:
-    """One line per finished call: DEBUG when OK, INFO for a refused request, ERROR for INTERNAL. Costs nothing on
-    the fast path when the level is off."""
+    """One line per finished call: DEBUG when OK, INFO for a refused request (INTERNAL is logged with its traceback
+    where it is caught). Costs nothing on the fast path when the level is off."""
     level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
-    if code == grpc.StatusCode.INTERNAL:
-        level = logging.ERROR
-    if not log.isEnabledFor(level):
+    if code == grpc.StatusCode.INTERNAL or not log.isEnabledFor(level):
         return
     fields = {
         "method": method,
@@ -78,7 +76,12 @@ def _unary(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            log.exception("%s failed", method, extra={"request_id": _request_id(context)})
+            fields = {
+                "method": method,
+                "session_id": getattr(request, "session_id", None),
+                "request_id": _request_id(context),
+            }
+            log.exception("%s failed", method, extra=fields)
             code = grpc.StatusCode.INTERNAL
             await context.abort(code, INTERNAL_MESSAGE)
             raise

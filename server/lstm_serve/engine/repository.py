@@ -173,7 +173,18 @@ class Repository:
                 repo.failures[directory.name] = f"duplicate model name {model.info.name!r}"
                 continue
             repo.models[model.info.name] = model
-            log.info("model %s loaded: %s", model.info.name, model.info, extra={"model": model.info.name})
+            i = model.info
+            log.info(
+                "model %s loaded: %s backend, %d inputs -> %d x LSTM(%d) -> %d outputs%s",
+                i.name,
+                i.backend,
+                i.input_size,
+                i.num_layers,
+                i.hidden_size,
+                i.output_size,
+                ", normalised" if i.normalized else "",
+                extra={"model": i.name},
+            )
         for name in sorted(only - set(repo.models) - set(repo.failures)):
             repo.failures[name] = f"no {name}/{CONFIG_FILE} under {root}"
         return repo

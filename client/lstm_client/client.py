@@ -206,6 +206,7 @@ class _StepStream:
                 if pause is None:
                     raise error_from_rpc(exc) from None
                 time.sleep(pause)
+                self._requests.put(_END)  # ends the old call's request feeder thread
                 self._open()
 
     def close(self) -> None:

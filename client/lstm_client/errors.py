@@ -6,7 +6,7 @@ LstmError
 │   └── SessionGone        the session existed and ended: closed, expired or evicted (see .reason)
 ├── AlreadyExists          a client-chosen session id is taken
 ├── SequenceError          the step's seq is not the one the server expects (see .expected_seq)
-├── ResourceExhausted      a server limit (sessions, message size, steps per request, concurrency)
+├── ResourceExhausted      a server limit (message size, steps per request, concurrent calls)
 ├── Unavailable            server unreachable or shutting down (after the client's own retries)
 ├── DeadlineExceeded       the call's deadline passed (after the client's own retries)
 └── ServerError            anything else the server reports (INTERNAL, UNKNOWN, ...)

@@ -16,6 +16,7 @@ from lstm_client._proto.lstm.v1 import lstm_pb2
 WIRE_DTYPE = np.dtype("<f4")
 
 FloatArray = npt.NDArray[np.float32]
+MAX_RANK = 8  # the API uses 1 to 3; numpy itself stops at 64
 
 
 class TensorDecodeError(ValueError):
@@ -30,6 +31,8 @@ def to_tensor(array: npt.ArrayLike) -> lstm_pb2.Tensor:
 def from_tensor(tensor: lstm_pb2.Tensor) -> FloatArray:
     """Decodes without copying; the result is read-only and in native float32 byte order."""
     shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_RANK:
+        raise TensorDecodeError(f"tensor of rank {len(shape)}; at most {MAX_RANK} dimensions are accepted")
     expected = 4 * math.prod(shape)
     if len(tensor.data) != expected:
         raise TensorDecodeError(

@@ -111,7 +111,7 @@ class App:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
-            expired = self.plane.sweep()
+            expired = await self.plane.sweep()
             if expired:
                 log.info("expired %d idle session(s)", expired)
 

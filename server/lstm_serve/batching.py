@@ -12,8 +12,9 @@ Two ways to run, chosen by whether an executor is given:
   queued when it wakes and computes it in the executor; requests arriving meanwhile form the next batch.
   `max_wait` adds a pause only when the queue already held more than one request, i.e. when busy anyway.
 
-Ordering: the batcher never holds two steps of one session, because the data plane keeps each session's steps in
-sequence (one in flight per session). BLAS and ORT release the GIL, so threaded compute overlaps the event loop.
+Ordering: the data plane keeps each session's steps in sequence (one in flight per session), so a batch holds at most
+one live step per session; a step whose caller went away is computed and its result dropped. BLAS and ORT release
+the GIL, so threaded compute overlaps the event loop.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Batcher:
         self._last_batch_end = float("-inf")
         self._forming: list[_Pending] | None = None  # inline: the batch its leader is gathering
         self._queue: list[_Pending] = []  # threaded: waiting for the worker
+        self._computing: list[_Pending] = []  # threaded: the batch in the executor now
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
@@ -101,7 +103,7 @@ class Batcher:
 
     async def _submit_threaded(self, x: F32, state: F32) -> StepResult:
         loop = asyncio.get_running_loop()
-        if self._worker is None:
+        if self._worker is None or self._worker.done():  # (re)start: a dead worker must not hang the model
             self._worker = loop.create_task(self._run(), name=f"batcher-{self.model.info.name}")
         future: asyncio.Future[StepResult] = loop.create_future()
         self._queue.append(_Pending(x, state, future))
@@ -109,12 +111,13 @@ class Batcher:
         return await future
 
     async def close(self) -> None:
+        unanswered = self._computing + self._queue  # taken before the worker's cancellation clears them
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        self._fail(self._queue, ShuttingDown("the server is shutting down"))
+        self._fail(unanswered, ShuttingDown("the server is shutting down"))
         self._queue.clear()
 
     async def _run(self) -> None:
@@ -130,11 +133,14 @@ class Batcher:
                 if not batch:
                     continue
                 xs, states = [p.x for p in batch], [p.state for p in batch]
+                self._computing = batch
                 try:
                     results = await loop.run_in_executor(self._executor, self.model.run_batch, xs, states)
                 except Exception as exc:
                     self._fail(batch, exc)
                     continue
+                finally:
+                    self._computing = []
                 self._record(batch, results)
 
     def _record(self, batch: list[_Pending], results: list[StepResult]) -> None:

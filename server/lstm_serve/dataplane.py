@@ -6,6 +6,7 @@ layer. Raises only the domain errors of lstm_serve.errors.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from lstm_serve.errors import InvalidInput, LimitExceeded, ModelNotFound, Sequen
 from lstm_serve.keyed_lock import KeyedLock
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import Session, SessionStore
+
+MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +98,8 @@ class DataPlane:
     # --- sessions -----------------------------------------------------------------------------------------------
 
     def create_session(self, model_name: str, session_id: str | None, idle_ttl: float | None) -> Session:
-        if idle_ttl is not None and idle_ttl < 0:
-            raise InvalidInput("idle_ttl must be >= 0 (0 = never expire)")
+        if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
+            raise InvalidInput(f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}")
         self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
         session = self.store.create(model_name, self._zero_states[model_name], session_id, idle_ttl)
         self.metrics.sessions_created.labels(model=model_name).inc()
@@ -123,8 +126,13 @@ class DataPlane:
         finally:
             self._locks.release(session_id)
 
-    def sweep(self) -> int:
-        return self.store.sweep()
+    async def sweep(self) -> int:
+        """Ends idle-expired sessions without holding the event loop for more than a chunk at a time."""
+        ended = 0
+        for count in self.store.sweep_in_chunks():
+            ended += count
+            await asyncio.sleep(0)
+        return ended
 
     # --- steps --------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ key waits, on a future of its own, and is handed the key in arrival order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 
@@ -27,7 +28,8 @@ class KeyedLock:
             if future.done() and not future.cancelled():
                 self.release(key)  # we were handed the key just as we were cancelled: pass it on
             else:
-                waiters.remove(future)
+                with contextlib.suppress(ValueError):  # release() may have dropped it already
+                    waiters.remove(future)
             raise
 
     def release(self, key: str) -> None:

@@ -90,6 +90,7 @@ BAD_STEPS: list[tuple[str, Callable[[], object], grpc.StatusCode, str]] = [
     ("bytes/shape mismatch", lambda: _raw([4], b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT, "needs 16 bytes"),
     ("too many steps", lambda: np.zeros((513, 4)), grpc.StatusCode.RESOURCE_EXHAUSTED, "the limit is 512"),
     ("oversized message", lambda: np.zeros((20_000, 4)), grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger"),
+    ("rank 65", lambda: _raw([1] * 65, b"\0" * 4), grpc.StatusCode.INVALID_ARGUMENT, "at most 8 dimensions"),
 ]
 
 
@@ -158,6 +159,19 @@ def test_unknown_and_closed_sessions(stub: lstm_pb2_grpc.LstmServiceStub) -> Non
         assert "was closed by the client" in failure.message
         assert failure.detail is not None
         assert failure.detail.reason == "closed"
+
+
+def test_malformed_session_ids_are_bad_input_and_not_echoed(stub: lstm_pb2_grpc.LstmServiceStub) -> None:
+    huge = "x" * 100_000
+    for call in (
+        lambda: _step(stub, huge, 1, X[0]),
+        lambda: stub.GetSession(lstm_pb2.GetSessionRequest(session_id="has spaces")),
+        lambda: stub.CloseSession(lstm_pb2.CloseSessionRequest(session_id=huge)),
+    ):
+        failure = _failure(call)
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "session_id must be 1-128 characters" in failure.message
+        assert len(failure.message) < 200
 
 
 def test_expired_session_says_so(stub: lstm_pb2_grpc.LstmServiceStub) -> None:

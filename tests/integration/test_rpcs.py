@@ -107,8 +107,10 @@ def test_server_generated_ids_and_ttl_defaults(client: Client) -> None:
     assert len(a.id) >= 22
     assert a.info().idle_ttl == timedelta(hours=1)
     assert b.info().idle_ttl is None
-    with pytest.raises(InvalidArgument, match="idle_ttl must be >= 0"):
+    with pytest.raises(InvalidArgument, match="idle_ttl must be between 0"):
         client.create_session("elnino", ttl=-1)
+    with pytest.raises(InvalidArgument, match="idle_ttl must be between 0"):
+        client.create_session("elnino", ttl=timedelta(days=365 * 100))
     with pytest.raises(InvalidArgument, match="session_id must be"):
         client.create_session("elnino", session_id="no spaces please")
     with pytest.raises(NotFound, match="unknown model"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,6 +14,7 @@ from lstm_serve.batching import Batcher
 from lstm_serve.engine.model import Model
 from lstm_serve.engine.npz import load_npz
 from lstm_serve.engine.numpy_backend import NumpyBackend
+from lstm_serve.errors import ShuttingDown
 from lstm_serve.keyed_lock import KeyedLock
 from tests.golden import golden
 
@@ -124,3 +126,35 @@ async def test_followers_are_answered_when_their_leader_is_cancelled() -> None:
     results = await asyncio.wait_for(asyncio.gather(*followers), timeout=5)
     assert len(results) == 3
     assert leader.cancelled()
+
+
+async def test_keyed_lock_waiter_cancelled_in_the_same_turn_as_the_release() -> None:
+    locks = KeyedLock()
+    await locks.acquire("k")
+    waiter = asyncio.create_task(locks.acquire("k"))
+    await asyncio.sleep(0)  # the waiter is now queued
+    waiter.cancel()
+    locks.release("k")  # finds the waiter's future already cancelled and frees the key
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert len(locks) == 0
+    await asyncio.wait_for(locks.acquire("k"), 1)  # free for the next claimant
+    locks.release("k")
+
+
+class _SlowBackend(NumpyBackend):
+    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        time.sleep(0.3)
+        return super().step(x, h, c)
+
+
+async def test_closing_a_threaded_batcher_answers_the_batch_in_flight() -> None:
+    weights = load_npz(golden("golden_l3_head").weights)
+    model = Model.from_weights("slow", weights, _SlowBackend(weights))
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(model, executor=pool)
+        step = asyncio.create_task(batcher.submit(np.zeros((1, 4), np.float32), model.zero_state()))
+        await asyncio.sleep(0.05)  # in the executor now
+        await batcher.close()
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(step, 5)

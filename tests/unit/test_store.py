@@ -82,6 +82,15 @@ def test_sweep_ends_only_idle_sessions(clock: Clock) -> None:
     assert store.get(fresh.id) is fresh
 
 
+def test_sweep_works_in_chunks(clock: Clock) -> None:
+    store, ended = _store(clock, max_sessions=10)
+    sessions = [store.create("m", _state(), None, None) for _ in range(5)]
+    clock.now += 61
+    store.touch(sessions[2])  # used just now: stays
+    assert list(store.sweep_in_chunks(chunk=2)) == [2, 2, 0]  # LRU order: the touched one is last
+    assert [sid for sid, _ in ended] == [s.id for i, s in enumerate(sessions) if i != 2]
+
+
 def test_full_store_evicts_the_least_recently_used(clock: Clock) -> None:
     store, ended = _store(clock)
     a = store.create("m", _state(), "a", None)

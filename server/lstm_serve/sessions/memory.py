@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -97,13 +97,23 @@ class MemorySessionStore:
         return session
 
     def sweep(self) -> int:
+        return sum(self.sweep_in_chunks())
+
+    def sweep_in_chunks(self, chunk: int = 5000) -> Iterator[int]:
+        """Ends idle-expired sessions `chunk` at a time, yielding how many each chunk ended, so that a caller on an
+        event loop can let other work run between chunks (a full scan of 100k sessions takes ~20 ms)."""
         now = self._clock()
-        expired = [s for s in self._live.values() if self._idle_expired(s, now)]
-        for session in expired:
-            self._expire(session)
         while self._ended and next(iter(self._ended.values())).at + self.ended_ttl < now:
             self._ended.popitem(last=False)
-        return len(expired)
+        snapshot = list(self._live.values())
+        for start in range(0, len(snapshot), chunk):
+            now = self._clock()
+            expired = [
+                s for s in snapshot[start : start + chunk] if self._live.get(s.id) is s and self._idle_expired(s, now)
+            ]
+            for session in expired:
+                self._expire(session)
+            yield len(expired)
 
     @staticmethod
     def _idle_expired(session: Session, now: float) -> bool:
@@ -122,6 +132,7 @@ class MemorySessionStore:
             self._on_end(session, reason)
 
     def _not_found(self, session_id: str) -> SessionNotFound:
+        validate_session_id(session_id)  # a malformed id is bad input, not an unknown session (and is not echoed)
         ended = self._ended.get(session_id)
         if ended is None:
             return SessionNotFound(f"unknown session {session_id!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -90,6 +91,10 @@ class SessionStore(Protocol):
 
     def sweep(self) -> int:
         """Ends idle sessions past their TTL; returns how many."""
+        ...
+
+    def sweep_in_chunks(self, chunk: int = 5000) -> Iterator[int]:
+        """The same, a chunk at a time: yields the count ended by each chunk."""
         ...
 
     def __len__(self) -> int: ...

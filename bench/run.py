@@ -31,14 +31,12 @@ from lstm_client import Client
 from lstm_client._calls import step_request
 from lstm_client.aio import AsyncClient
 from lstm_client.loadtest import LoadConfig, run_load
-from lstm_serve.engine.cell import LayerWeights
 from lstm_serve.engine.npz import save_npz
-from lstm_serve.engine.weights import ModelWeights
 
 NOTES = (Path(__file__).with_name("notes.md")).read_text().splitlines()
 DEMO = "elnino"
 BIG = "big512"
-BIG_INPUT = 16
+BIG_INPUT = backends.INPUT
 
 
 @dataclass(frozen=True)
@@ -67,19 +65,9 @@ class Row:
 
 def make_big_model(root: Path) -> Path:
     """An H=512 model with random weights (speed does not depend on the values)."""
-    rng = np.random.default_rng(0)
-    H, scale = 512, 1 / np.sqrt(512)
-
-    def w(*shape: int) -> np.ndarray:
-        out: np.ndarray = (rng.standard_normal(shape) * scale).astype(np.float32)
-        return out
-
-    weights = ModelWeights(
-        layers=[LayerWeights(w(4 * H, BIG_INPUT), w(4 * H, H), w(4 * H), w(4 * H))], head=(w(8, H), w(8))
-    )
     directory = root / BIG
     directory.mkdir(parents=True)
-    save_npz(weights, directory / "weights.npz")
+    save_npz(backends.random_weights(512), directory / "weights.npz")
     (directory / "model.toml").write_text('description = "benchmark: random weights"\nweights = "weights.npz"\n')
     return root
 

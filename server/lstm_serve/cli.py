@@ -16,6 +16,7 @@ from typing import Any
 import prometheus_client
 import pydantic
 
+from lstm_serve import __version__
 from lstm_serve.config import Settings
 from lstm_serve.errors import ModelLoadError
 
@@ -154,6 +155,7 @@ def _reference(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-serve", description="Stateful LSTM sequence prediction over gRPC.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the models of a model repository")
     _add_settings_flags(serve)

@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from lstm_client import __version__
 from lstm_client.errors import LstmError
 from lstm_client.loadtest.runner import LoadConfig, run_load
 
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lstm-loadtest",
         description="Load-test an lstm-serve server: N sessions x M steps, unary or streaming, bounded in time.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("target", help="host:port of the server")
     p.add_argument("--model", required=True)
     p.add_argument("--sessions", type=int, default=64, help="sessions to create and drive (default 64)")

@@ -113,7 +113,7 @@ class DataPlane:
         await self._locks.acquire(session_id)  # never between the compute and the commit of a step
         try:
             session = self.store.get(session_id)
-            session.state = self._zero_states[session.model]
+            session.reset(self._zero_states[session.model])
             self.store.touch(session)
             return session
         finally:
@@ -148,27 +148,28 @@ class DataPlane:
             model = self.model(session.model)
             xs, single = self._check_inputs(x, model.info)
             digest = zlib.crc32(xs.tobytes())
-            last_outputs = session.last_outputs(model.info.output_size) if seq == session.seq else None
-            if last_outputs is not None:
-                if digest != session.last_digest:
+            shape = model.info.state_shape
+            last = session.last_reply(shape, model.info.output_size) if seq == session.seq else None
+            if last is not None:
+                last_digest, last_outputs = last
+                if digest != last_digest:
                     raise SequenceMismatch(
                         f"seq {seq} was already applied with different inputs; the next seq is {seq + 1}",
                         expected_seq=seq + 1,
                         reason="retry_mismatch",
                     )
                 self._replayed[model.info.name].inc()
-                return StepOutcome(session.id, seq, last_outputs)
+                return StepOutcome(session.id, seq, last_outputs[0] if single else last_outputs)
             if seq != session.seq + 1:
                 raise SequenceMismatch(
                     f"seq {seq} is out of order: session {session_id!r} has applied seq {session.seq}, "
                     f"the next step must carry seq {session.seq + 1}",
                     expected_seq=session.seq + 1,
                 )
-            state = session.state_array(model.info.state_shape)
-            ys, new_state = await self._batchers[model.info.name].submit(xs, state)
+            ys, new_state = await self._batchers[model.info.name].submit(xs, session.state_array(shape))
             self.store.touch(session)  # raises SessionNotFound if it was evicted or expired while computing
             outputs = ys[0] if single else ys
-            session.apply(seq, new_state.tobytes(), outputs, digest)
+            session.apply(seq, new_state, outputs, digest)
             self._steps[model.info.name].inc(len(xs))
             return StepOutcome(session.id, seq, outputs)
         finally:

@@ -128,7 +128,11 @@ def test_retry_returns_the_stored_reply_and_applies_nothing(
     first = from_tensor(_step(stub, sid, 3, X[2]).outputs)
     again = from_tensor(_step(stub, sid, 3, X[2]).outputs)  # the client never saw the first answer and resends
     np.testing.assert_array_equal(first, again)
-    _assert_untouched(stub, sid, 3, expected)
+    _assert_untouched(stub, sid, 3, expected)  # (this applies X[3] as seq 4)
+    block = from_tensor(_step(stub, sid, 5, X[4:7]).outputs)
+    assert block.shape == (3, 2)
+    np.testing.assert_array_equal(from_tensor(_step(stub, sid, 5, X[4:7]).outputs), block)
+    np.testing.assert_allclose(block, expected[4:7], atol=TOLERANCE, rtol=0)
 
 
 def test_retry_with_different_inputs_is_refused(stub: lstm_pb2_grpc.LstmServiceStub, expected: np.ndarray) -> None:

@@ -114,7 +114,7 @@ class Batcher:
         unanswered = self._computing + self._queue  # taken before the worker's cancellation clears them
         if self._worker is not None:
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a dead worker must not abort shutdown
                 await self._worker
             self._worker = None
         self._fail(unanswered, ShuttingDown("the server is shutting down"))
@@ -144,11 +144,15 @@ class Batcher:
                 self._record(batch, results)
 
     def _record(self, batch: list[_Pending], results: list[StepResult]) -> None:
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
-        for p, result in zip(batch, results, strict=True):
+        """Hands out the results; never raises, so no caller is left waiting and the worker never dies here."""
+        for p, result in zip(batch, results, strict=False):
             if p.future is not None and not p.future.done():
                 p.future.set_result(result)
+        if len(results) != len(batch):
+            self._fail(batch, RuntimeError(f"backend returned {len(results)} results for {len(batch)} steps"))
+        if self._on_batch is not None:
+            with contextlib.suppress(Exception):  # a metrics hiccup must not fail steps that were computed
+                self._on_batch(len(batch))
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: Exception) -> None:

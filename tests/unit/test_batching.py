@@ -158,3 +158,17 @@ async def test_closing_a_threaded_batcher_answers_the_batch_in_flight() -> None:
         await batcher.close()
         with pytest.raises(ShuttingDown):
             await asyncio.wait_for(step, 5)
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_a_failing_batch_hook_fails_no_step(threaded: bool) -> None:
+    def broken_hook(size: int) -> None:
+        raise ZeroDivisionError
+
+    model = _model()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(model, executor=pool if threaded else None, on_batch=broken_hook)
+        x = np.zeros((1, 4), np.float32)
+        results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(x, model.zero_state()) for _ in range(3))), 5)
+        assert len(results) == 3
+        await batcher.close()

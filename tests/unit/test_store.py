@@ -159,3 +159,12 @@ def test_generated_ids_are_long_and_distinct(clock: Clock) -> None:
     ids = {store.create("m", _state(), None, None).id for _ in range(500)}
     assert len(ids) == 500
     assert min(len(i) for i in ids) >= 22  # 128 bits in base64url
+
+
+def test_an_expired_but_unswept_id_can_be_created_again(clock: Clock) -> None:
+    store, ended = _store(clock)
+    store.create("m", _state(), "dev-1", 10.0)
+    clock.now += 11
+    again = store.create("m", _state(), "dev-1", None)
+    assert again.seq == 0
+    assert ended == [("dev-1", EndReason.EXPIRED)]

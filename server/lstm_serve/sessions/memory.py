@@ -55,7 +55,10 @@ class MemorySessionStore:
     def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
         if session_id:
             validate_session_id(session_id)
-            if session_id in self._live:
+            existing = self._live.get(session_id)
+            if existing is not None and self._idle_expired(existing, self._clock()):
+                self._expire(existing)  # expired but not swept yet: the id is free, as get() would report
+            elif existing is not None:
                 raise SessionExists(f"session {session_id!r} already exists")
         else:
             session_id = new_session_id()

@@ -21,11 +21,16 @@ from lstm_serve.config import Settings
 from lstm_serve.errors import ModelLoadError
 
 
+def _default(name: str) -> Any:
+    field = Settings.model_fields[name]
+    return field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"LSTM_SERVE_{name.upper()}"
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        default = _default(name)
         help_text = f"{field.description} [env {env}; default {default}]"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
@@ -142,7 +147,7 @@ def settings_reference() -> str:
     """The configuration table of docs/operations.md, generated so that the docs cannot drift from the code."""
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        default = _default(name)
         flag = "--" + name.replace("_", "-")
         rows.append(f"| `{flag}` | `LSTM_SERVE_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(rows) + "\n"

@@ -68,13 +68,11 @@ class DataPlane:
         }
         # one shared, immutable zero state per model: a new or reset session costs no state memory of its own
         self._zero_states = {name: m.zero_state().tobytes() for name, m in repository.models.items()}
-        # label lookups cost microseconds on the step path: resolve each model's series once
-        self._steps = {name: metrics.steps.labels(model=name) for name in repository.models}
-        self._replayed = {name: metrics.replayed_steps.labels(model=name) for name in repository.models}
         metrics.models_loaded.set(len(repository.models))
         metrics.model_load_failures.set(len(repository.failures))
         for name in repository.models:  # every model's series exists from the start, at zero
             metrics.sessions_active.labels(model=name).set(0)
+            metrics.child(metrics.steps, name)
 
     async def close(self) -> None:
         for batcher in self._batchers.values():
@@ -158,7 +156,7 @@ class DataPlane:
                         expected_seq=seq + 1,
                         reason="retry_mismatch",
                     )
-                self._replayed[model.info.name].inc()
+                self.metrics.child(self.metrics.replayed_steps, model.info.name).inc()
                 return StepOutcome(session.id, seq, last_outputs[0] if single else last_outputs)
             if seq != session.seq + 1:
                 raise SequenceMismatch(
@@ -170,7 +168,7 @@ class DataPlane:
             self.store.touch(session)  # raises SessionNotFound if it was evicted or expired while computing
             outputs = ys[0] if single else ys
             session.apply(seq, new_state, outputs, digest)
-            self._steps[model.info.name].inc(len(xs))
+            self.metrics.child(self.metrics.steps, model.info.name).inc(len(xs))
             return StepOutcome(session.id, seq, outputs)
         finally:
             self._locks.release(session_id)

@@ -4,6 +4,7 @@ tests and several servers in one process never collide."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -73,29 +74,24 @@ class Metrics:
         self.model_load_failures = Gauge(
             "lstm_model_load_failures", "Models in the repository that failed to load.", registry=r
         )
-        self._rpc_children: dict[tuple[str, str], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
-        self._stream_children: dict[str, Counter] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
+    def child(self, metric: Any, *label_values: str) -> Any:
+        """`metric.labels(*label_values)`, cached: `labels()` costs microseconds, too much on the step path."""
+        key = (id(metric), label_values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*label_values)
+        return found
+
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
-        """Called once per RPC: the labelled children are cached, as `labels()` costs microseconds per call."""
-        key = (method, code)
-        counter = self._rpc_children.get(key)
-        if counter is None:
-            counter = self._rpc_children[key] = self.rpcs.labels(method=method, code=code)
-        histogram = self._duration_children.get(method)
-        if histogram is None:
-            histogram = self._duration_children[method] = self.rpc_duration.labels(method=method)
-        counter.inc()
-        histogram.observe(seconds)
+        self.child(self.rpcs, method, code).inc()
+        self.child(self.rpc_duration, method).observe(seconds)
 
     def stream_request(self, code: str) -> None:
-        counter = self._stream_children.get(code)
-        if counter is None:
-            counter = self._stream_children[code] = self.stream_requests.labels(code=code)
-        counter.inc()
+        self.child(self.stream_requests, code).inc()
 
     def session_ended(self, model: str, reason: str) -> None:
         self.sessions_active.labels(model=model).dec()

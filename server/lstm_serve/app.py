@@ -1,6 +1,10 @@
 """Builds and runs the server: repository, session store, data plane, metrics, and the grpc.aio server with the
 standard health and reflection services. Shutdown is graceful: health goes NOT_SERVING, new RPCs are refused, and
-in-flight ones get `shutdown_grace` seconds to finish."""
+in-flight ones get `shutdown_grace` seconds to finish; then the memory store's snapshot is written, if asked for.
+
+Health has two names: "" is liveness (the process runs: an orchestrator restarts it when this fails), and
+`lstm.v1.LstmService` is readiness (models loaded and the session store reachable: a load balancer sends traffic only
+while it holds). A Redis outage makes every replica unready, never dead, so nothing restarts them in a loop."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,13 +27,22 @@ from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_serve.config import Settings
 from lstm_serve.dataplane import DataPlane, Limits
 from lstm_serve.engine.repository import Repository
+from lstm_serve.errors import StoreUnavailable
 from lstm_serve.metrics import Metrics
 from lstm_serve.service import LstmServicer
-from lstm_serve.sessions import MemorySessionStore
+from lstm_serve.sessions import CapacityPolicy, EndReason, MemorySessionStore, SessionStore
+from lstm_serve.sessions import snapshot as snapshots
+from lstm_serve.sessions.memory import Ended
+from lstm_serve.sessions.redis_store import RedisSessionStore
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = lstm_pb2.DESCRIPTOR.services_by_name["LstmService"].full_name
+STORE_CHECK_INTERVAL = 1.0  # seconds between readiness probes of a shared store
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is the one line an operator needs (no traceback)."""
 
 
 class App:
@@ -43,6 +58,9 @@ class App:
         self._plane: DataPlane | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._store: SessionStore | None = None
+        self._ready: bool | None = None
 
     @property
     def plane(self) -> DataPlane:
@@ -54,12 +72,9 @@ class App:
         # More BLAS threads than cores fight the event loop for the 2 CPUs (see docs/performance.md).
         threadpool_limits(limits=1)
         repository = Repository.scan(s.model_dir, frozenset(s.models))
-        store = MemorySessionStore(
-            max_sessions=s.max_sessions,
-            default_ttl=s.session_ttl,
-            ended_ttl=s.ended_session_memory,
-            on_end=lambda session, reason: self.metrics.session_ended(session.model, reason.value),
-        )
+        store = self._store = self._build_store()
+        if s.snapshot is not None and isinstance(store, MemorySessionStore):
+            self._restore(store, repository)
         if s.compute_threads > 0:
             self._executor = ThreadPoolExecutor(s.compute_threads, thread_name_prefix="compute")
         limits = Limits(
@@ -74,44 +89,129 @@ class App:
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
+                # grpcio shares ports by default; only workers over a shared store may (else sessions go missing)
+                ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
             ],
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
+        self._server = server  # stopped by stop() even if it never starts
         lstm_pb2_grpc.add_LstmServiceServicer_to_server(LstmServicer(self._plane), server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+            raise StartupError(f"cannot listen on {s.host}:{s.port}: the address is in use or not available here")
         await server.start()
-        self._server = server
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
 
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if repository.models else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self._health.set("", status)
-        await self._health.set(SERVICE_NAME, status)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._check_store()
+        with contextlib.suppress(StoreUnavailable):
+            await self.plane.sweep()  # the live-session gauge from the start
+        if store.shared:
+            self._watcher = asyncio.create_task(self._watch_store(), name="store-watcher")
         log.info(
-            "serving %d model(s) %s on %s:%d, metrics on %s:%d%s",
+            "serving %d model(s) %s on %s:%d, metrics %s; sessions in %s%s",
             len(repository.models),
             sorted(repository.models),
             s.host,
             self.port,
-            s.metrics_host,
-            self.metrics_port,
+            f"on {s.metrics_host}:{self.metrics_port}" if s.metrics_port >= 0 else "off",
+            "memory" if not store.shared else s.store.split("@")[-1],  # never log a password in the URL
             f"; NOT loaded: {repository.failures}" if repository.failures else "",
         )
+
+    def _build_store(self) -> SessionStore:
+        s = self.settings
+        on_end = self.metrics.session_ended
+        policy = CapacityPolicy(s.max_sessions_policy)
+        if s.store == "memory":
+            return MemorySessionStore(
+                max_sessions=s.max_sessions,
+                default_ttl=s.session_ttl,
+                policy=policy,
+                ended_ttl=s.ended_session_memory,
+                on_end=on_end,
+            )
+        return RedisSessionStore(
+            s.store,
+            max_sessions=s.max_sessions,
+            default_ttl=s.session_ttl,
+            policy=policy,
+            ended_ttl=s.ended_session_memory,
+            prefix=s.store_prefix,
+            timeout=s.store_timeout,
+            on_end=on_end,
+        )
+
+    def _restore(self, store: MemorySessionStore, repository: Repository) -> None:
+        """Loads the snapshot, if there is one; sessions of a model whose state shape changed end with that reason."""
+        path = self.settings.snapshot
+        assert path is not None
+        if not path.exists():
+            log.info("no snapshot at %s yet: starting without sessions", path)
+            return
+        try:
+            snap = snapshots.read(path)
+        except snapshots.SnapshotError as exc:
+            raise StartupError(str(exc)) from None
+        keep, ended = [], list(snap.ended)
+        for session in snap.sessions:
+            model = repository.models.get(session.model)
+            was = snap.models.get(session.model)
+            now = (list(model.info.state_shape), model.info.output_size) if model is not None else None
+            if model is not None and now != was:
+                detail = f"(model {session.model!r} changed its state shape from {was} to {now} across a restart)"
+                ended.append((session.id, Ended(EndReason.MODEL_CHANGED, snap.written, detail)))
+            else:
+                keep.append(session)
+        store.restore(keep, ended)
+        log.info(
+            "restored %d session(s) from %s (written %.0f s ago)%s",
+            len(keep),
+            path,
+            max(0.0, time.time() - snap.written),
+            f"; {len(snap.sessions) - len(keep)} ended: their model changed shape"
+            if len(keep) < len(snap.sessions)
+            else "",
+        )
+
+    async def _check_store(self) -> None:
+        """Readiness follows the store: a replica that cannot reach Redis takes no new traffic, but stays alive."""
+        try:
+            await self.plane.store.ping()
+            ready = bool(self.plane.repository.models)
+        except StoreUnavailable as exc:
+            ready = False
+            if self._ready is not False:
+                log.warning("session store unreachable, readiness NOT_SERVING: %s", exc.message)
+        if ready and self._ready is False:
+            log.info("session store reachable again, readiness SERVING")
+        if ready != self._ready:
+            self._ready = ready
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self._health.set(SERVICE_NAME, status)
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(STORE_CHECK_INTERVAL)
+            await self._check_store()
 
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
-            expired = await self.plane.sweep()
+            try:
+                expired = await self.plane.sweep()
+            except StoreUnavailable:
+                continue  # the store watcher reports the outage; the next sweep catches up
             if expired:
                 log.info("expired %d idle session(s)", expired)
 
@@ -120,23 +220,57 @@ class App:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._plane is not None:
             await self._plane.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        self._write_snapshot()
+        if self._store is not None:
+            await self._store.aclose()
         self.metrics.stop()
 
-    async def run_until_signal(self) -> None:
-        """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
+    def _write_snapshot(self) -> None:
+        path = self.settings.snapshot
+        if path is None or not isinstance(self._store, MemorySessionStore) or self._plane is None:
+            return
+        store = self._store
+        try:
+            size = snapshots.write(path, store.live(), store.ended(), self._plane.models())
+        except OSError as exc:
+            log.error("could not write the snapshot %s: %s; the sessions are lost", path, exc)
+            return
+        log.info("wrote %d session(s) to %s (%d bytes)", len(store), path, size)
+
+    async def run_until_signal(self, on_started: Callable[[], object] | None = None) -> None:
+        """Serves until SIGTERM or SIGINT, then shuts down gracefully. The handlers are set before the (possibly slow)
+        start, so a signal during loading stops the server too."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        starting = asyncio.create_task(self.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stop requested while starting")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StartupError):
+                await starting
+            await self.stop(grace=0)
+            return
+        stopped.cancel()
+        try:
+            starting.result()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        if on_started is not None:
+            on_started()
         await stop.wait()
         log.info("shutting down: %.1f s for in-flight calls", self.settings.shutdown_grace)
         await self.stop()

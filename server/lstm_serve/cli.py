@@ -47,7 +47,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from lstm_serve import logs
-    from lstm_serve.app import App
+    from lstm_serve.app import App, StartupError
 
     try:
         settings = settings_from_args(args)
@@ -56,7 +56,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_json)
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double what a scrape stores
-    asyncio.run(App(settings).run_until_signal())
+    try:
+        if settings.workers > 1:
+            from lstm_serve.workers import Supervisor
+
+            return Supervisor(settings).run()
+        asyncio.run(App(settings).run_until_signal())
+    except (StartupError, OSError) as exc:
+        print(f"lstm-serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -26,8 +26,33 @@ class Settings(BaseSettings):
     session_ttl: float = Field(
         3600.0, ge=0, description="Default idle time-to-live of a session, seconds; 0 = never expire."
     )
+    store: str = Field(
+        "memory",
+        description="Where sessions live: 'memory' (this process) or redis://HOST:PORT/DB (shared by every worker and "
+        "replica; also rediss:// and unix://).",
+    )
+    store_prefix: str = Field("lstm:", description="Prefix of every Redis key (several deployments on one Redis).")
+    store_timeout: float = Field(
+        2.0, gt=0, description="Seconds to wait for Redis before answering UNAVAILABLE (the client retries)."
+    )
+    snapshot: Path | None = Field(
+        None,
+        description="Memory store only: write every session to this file on shutdown and load it at start, so a "
+        "restart loses nothing.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Server processes sharing the port (SO_REUSEPORT); more than 1 needs --store redis.",
+    )
     max_sessions: int = Field(
-        100_000, ge=1, description="Live sessions at most; creating one more evicts the least recently used."
+        100_000, ge=1, description="Live sessions at most (store-wide with Redis); see --max-sessions-policy."
+    )
+    max_sessions_policy: Literal["evict", "refuse"] = Field(
+        "evict",
+        description="At --max-sessions: 'evict' ends the least recently used session, 'refuse' answers "
+        "RESOURCE_EXHAUSTED.",
     )
     ended_session_memory: float = Field(
         3600.0, ge=0, description="Seconds to remember why a session ended (closed/expired/evicted) for NOT_FOUND."
@@ -55,6 +80,28 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Log one JSON object per line.")
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("store must be 'memory' or a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _store_fits(self) -> Settings:
+        if self.workers > 1 and self.store == "memory":
+            raise ValueError(
+                "workers > 1 needs a shared store (--store redis://...): with the memory store each process would "
+                "hold its own sessions, and the kernel would spread a client's calls over them"
+            )
+        if self.snapshot is not None and self.store != "memory":
+            raise ValueError("snapshot is for the memory store; Redis keeps sessions itself (see its persistence)")
+        return self
+
+    @property
+    def shared_store(self) -> bool:
+        return self.store != "memory"
 
     @field_validator("models", mode="before")
     @classmethod

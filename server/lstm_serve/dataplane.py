@@ -6,23 +6,35 @@ layer. Raises only the domain errors of lstm_serve.errors.
 
 from __future__ import annotations
 
-import asyncio
-import zlib
+import functools
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from lstm_serve.batching import Batcher
+from lstm_serve.coalesce import Coalescer
 from lstm_serve.engine.cell import F32
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.repository import Repository
-from lstm_serve.errors import InvalidInput, LimitExceeded, ModelNotFound, SequenceMismatch
+from lstm_serve.errors import (
+    InvalidInput,
+    LimitExceeded,
+    ModelNotFound,
+    SequenceMismatch,
+    SessionNotFound,
+    StoreUnavailable,
+)
 from lstm_serve.keyed_lock import KeyedLock
 from lstm_serve.metrics import Metrics
-from lstm_serve.sessions import Session, SessionStore
+from lstm_serve.sessions import CommitResult, EndReason, Session, SessionStore, StepWrite, input_digest
+from lstm_serve.sessions.store import LoadResult
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
+MAX_COMMIT_ATTEMPTS = 4  # a step recomputed after losing its compare-and-set this often is answered UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +80,38 @@ class DataPlane:
         }
         # one shared, immutable zero state per model: a new or reset session costs no state memory of its own
         self._zero_states = {name: m.zero_state().tobytes() for name, m in repository.models.items()}
+        # One store call per loop turn for the commits (and cache misses) of a whole batch: one Redis round trip, not
+        # one per session. A store in this process answers at once, so it is called directly.
+        self._commit: Callable[[StepWrite], Awaitable[CommitResult]]
+        self._read: Callable[[str], Awaitable[LoadResult]]
+        if store.shared:
+            commits: Coalescer[StepWrite, CommitResult] = Coalescer(store.commit, max_batch=4 * limits.max_batch)
+            reads: Coalescer[str, LoadResult] = Coalescer(
+                functools.partial(store.load, fresh=False), max_batch=4 * limits.max_batch
+            )
+            self._coalescers: tuple[Coalescer[Any, Any], ...] = (commits, reads)
+            self._commit, self._read = commits.submit, reads.submit
+        else:
+            self._coalescers = ()
+            self._commit, self._read = self._commit_direct, self._read_direct
         metrics.models_loaded.set(len(repository.models))
         metrics.model_load_failures.set(len(repository.failures))
         for name in repository.models:  # every model's series exists from the start, at zero
-            metrics.sessions_active.labels(model=name).set(0)
             metrics.child(metrics.steps, name)
 
     async def close(self) -> None:
         for batcher in self._batchers.values():
             await batcher.close()
+        for coalescer in self._coalescers:
+            await coalescer.drain()
+
+    async def _commit_direct(self, write: StepWrite) -> CommitResult:
+        [result] = await self.store.commit([write])
+        return result
+
+    async def _read_direct(self, session_id: str) -> LoadResult:
+        [found] = await self.store.load([session_id], fresh=False)
+        return found
 
     # --- models -------------------------------------------------------------------------------------------------
 
@@ -95,83 +130,115 @@ class DataPlane:
 
     # --- sessions -----------------------------------------------------------------------------------------------
 
-    def create_session(self, model_name: str, session_id: str | None, idle_ttl: float | None) -> Session:
+    async def create_session(self, model_name: str, session_id: str | None, idle_ttl: float | None) -> Session:
         if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
             raise InvalidInput(f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}")
         self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
-        session = self.store.create(model_name, self._zero_states[model_name], session_id, idle_ttl)
+        session = await self.store.create(model_name, self._zero_states[model_name], session_id, idle_ttl)
         self.metrics.sessions_created.labels(model=model_name).inc()
-        self.metrics.sessions_active.labels(model=model_name).inc()
         return session
 
-    def get_session(self, session_id: str) -> Session:
-        return self.store.get(session_id)
+    async def get_session(self, session_id: str) -> Session:
+        return await self._load(session_id, fresh=True)
 
     async def reset_session(self, session_id: str) -> Session:
         await self._locks.acquire(session_id)  # never between the compute and the commit of a step
         try:
-            session = self.store.get(session_id)
-            session.reset(self._zero_states[session.model])
-            self.store.touch(session)
-            return session
+            session = await self._load(session_id, fresh=True)
+            return await self.store.reset(session_id, self._zero_states[session.model])
         finally:
             self._locks.release(session_id)
 
     async def close_session(self, session_id: str) -> Session:
         await self._locks.acquire(session_id)
         try:
-            return self.store.close(session_id)
+            return await self.store.close(session_id)
         finally:
             self._locks.release(session_id)
 
     async def sweep(self) -> int:
-        """Ends idle-expired sessions without holding the event loop for more than a chunk at a time."""
-        ended = 0
-        for count in self.store.sweep_in_chunks():
-            ended += count
-            await asyncio.sleep(0)
+        """Ends idle-expired sessions and refreshes the live-session gauge from the store (store-wide with Redis)."""
+        ended = await self.store.sweep()
+        counts = await self.store.counts()
+        for name in self.repository.models:
+            self.metrics.sessions_active.labels(model=name).set(counts.get(name, 0))
         return ended
+
+    async def _load(self, session_id: str, *, fresh: bool) -> Session:
+        """The session, checked against its model: a record that no longer fits the model's state shape (the model
+        was replaced by another of a different size) ends the session with a clear reason instead of being misread."""
+        if fresh:
+            [found] = await self.store.load([session_id], fresh=True)
+        else:
+            found = await self._read(session_id)
+        if isinstance(found, SessionNotFound):
+            raise found
+        model = self.repository.models.get(found.model)
+        if model is not None and not found.fits(model.info.state_shape, model.info.output_size):
+            detail = f"(model {found.model!r} changed its state shape to {list(model.info.state_shape)})"
+            await self.store.end(session_id, EndReason.MODEL_CHANGED, detail)
+            raise SessionNotFound(f"session {session_id!r} ended: {detail}", EndReason.MODEL_CHANGED.value)
+        return found
 
     # --- steps --------------------------------------------------------------------------------------------------
 
     async def step(self, session_id: str, seq: int, x: F32) -> StepOutcome:
         """Applies x ((I,) or (T, I)) as step `seq` of the session, exactly once.
 
-        The session lock keeps one session's steps in order and makes check-compute-commit atomic; the state is
-        replaced only after the computation succeeded, so a failure or a cancelled call changes nothing.
+        The session lock keeps this process's steps of one session in order; the store's compare-and-set on the
+        record's revision makes check-compute-commit atomic across processes. A session read from a cache may be
+        stale: only "this is the next step" is acted on without asking the store, and a step computed from a stale
+        record loses its compare-and-set, which hands back the current record to decide again from (typically: the
+        step was applied elsewhere, so its stored reply is replayed). The state is replaced only by a commit, so a
+        failure or a cancelled call changes nothing.
         """
         await self._locks.acquire(session_id)
         try:
-            session = self.store.get(session_id)
+            session = await self._load(session_id, fresh=False)
             model = self.model(session.model)
-            xs, single = self._check_inputs(x, model.info)
-            digest = zlib.crc32(xs.tobytes())
-            shape = model.info.state_shape
-            last = session.last_reply(shape, model.info.output_size) if seq == session.seq else None
-            if last is not None:
-                last_digest, last_outputs = last
-                if digest != last_digest:
-                    raise SequenceMismatch(
-                        f"seq {seq} was already applied with different inputs; the next seq is {seq + 1}",
-                        expected_seq=seq + 1,
-                        reason="retry_mismatch",
-                    )
-                self.metrics.child(self.metrics.replayed_steps, model.info.name).inc()
-                return StepOutcome(session.id, seq, last_outputs[0] if single else last_outputs)
-            if seq != session.seq + 1:
-                raise SequenceMismatch(
-                    f"seq {seq} is out of order: session {session_id!r} has applied seq {session.seq}, "
-                    f"the next step must carry seq {session.seq + 1}",
-                    expected_seq=session.seq + 1,
-                )
-            ys, new_state = await self._batchers[model.info.name].submit(xs, session.state_array(shape))
-            self.store.touch(session)  # raises SessionNotFound if it was evicted or expired while computing
-            outputs = ys[0] if single else ys
-            session.apply(seq, new_state, outputs, digest)
-            self.metrics.child(self.metrics.steps, model.info.name).inc(len(xs))
-            return StepOutcome(session.id, seq, outputs)
+            info = model.info
+            xs, single = self._check_inputs(x, info)
+            digest = input_digest(xs)
+            fresh = self.store.authoritative
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                if seq != session.seq + 1:
+                    if not fresh:  # a cached record may lag behind the store: look before refusing or replaying
+                        session, fresh = await self._load(session_id, fresh=True), True
+                        continue
+                    outputs = self._replay(session, seq, digest, info)
+                    return StepOutcome(session.id, seq, outputs[0] if single else outputs)
+                ys, new_state = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
+                outputs = ys[0] if single else ys
+                after = session.stepped(seq, new_state, outputs, digest, time.time())
+                result = await self._commit(StepWrite(session, after))
+                if isinstance(result, Session):
+                    self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
+                    return StepOutcome(session.id, seq, outputs)
+                if isinstance(result, SessionNotFound):  # ended (closed, evicted, expired) while computing
+                    raise result
+                session, fresh = result.current, True
+            raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
         finally:
             self._locks.release(session_id)
+
+    def _replay(self, session: Session, seq: int, digest: bytes, info: ModelInfo) -> F32:
+        """The stored reply of a retried step, or the reason the step cannot be applied."""
+        last = session.last_reply(info.state_shape, info.output_size) if seq == session.seq else None
+        if last is None:
+            raise SequenceMismatch(
+                f"seq {seq} is out of order: session {session.id!r} has applied seq {session.seq}, "
+                f"the next step must carry seq {session.seq + 1}",
+                expected_seq=session.seq + 1,
+            )
+        last_digest, last_outputs = last
+        if digest != last_digest:
+            raise SequenceMismatch(
+                f"seq {seq} was already applied with different inputs; the next seq is {seq + 1}",
+                expected_seq=seq + 1,
+                reason="retry_mismatch",
+            )
+        self.metrics.child(self.metrics.replayed_steps, info.name).inc()
+        return last_outputs
 
     async def predict(self, model_name: str, x: F32, h0: F32 | None, c0: F32 | None) -> tuple[F32, F32, F32]:
         """Stateless run of a whole sequence; returns outputs (T, O) and the final h, c (L, H)."""

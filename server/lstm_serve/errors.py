@@ -53,6 +53,19 @@ class ShuttingDown(LstmServeError):
     reason = "unavailable"
 
 
+class StoreUnavailable(LstmServeError):
+    """The shared session store could not be reached or did not answer in time. Nothing was committed that the caller
+    was not told about: a retry either applies the step or replays its stored reply."""
+
+    reason = "store_unavailable"
+
+
+class CapacityExceeded(LstmServeError):
+    """Creating a session would pass --max-sessions and the policy is to refuse rather than evict."""
+
+    reason = "capacity"
+
+
 class ModelLoadError(LstmServeError):
     """A model file or its config is unusable; raised at load or convert time, never on the request path."""
 

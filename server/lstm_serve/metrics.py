@@ -55,7 +55,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
-        self.sessions_active = Gauge("lstm_sessions_active", "Live sessions, by model.", ["model"], registry=r)
+        # Set from the store at every sweep: with Redis the count is store-wide, the same for every worker and replica.
+        self.sessions_active = Gauge(
+            "lstm_sessions_active",
+            "Live sessions, by model (store-wide; refreshed every sweep interval).",
+            ["model"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.sessions_created = Counter("lstm_sessions_created", "Sessions created, by model.", ["model"], registry=r)
         self.sessions_ended = Counter(
             "lstm_sessions_ended",
@@ -70,9 +77,12 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.models_loaded = Gauge("lstm_models_loaded", "Models being served.", registry=r)
+        self.models_loaded = Gauge("lstm_models_loaded", "Models being served.", registry=r, multiprocess_mode="max")
         self.model_load_failures = Gauge(
-            "lstm_model_load_failures", "Models in the repository that failed to load.", registry=r
+            "lstm_model_load_failures",
+            "Models in the repository that failed to load.",
+            registry=r,
+            multiprocess_mode="max",
         )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._http: WSGIServer | None = None
@@ -94,7 +104,7 @@ class Metrics:
         self.child(self.stream_requests, code).inc()
 
     def session_ended(self, model: str, reason: str) -> None:
-        self.sessions_active.labels(model=model).dec()
+        """Counted by the one process that ended the session (with Redis: whose script did)."""
         self.sessions_ended.labels(model=model, reason=reason).inc()
 
     def serve(self, host: str, port: int) -> int:

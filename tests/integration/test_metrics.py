@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import urllib.request
 
 import numpy as np
@@ -55,10 +56,21 @@ def test_metrics_follow_the_traffic(server: RunningServer, client: Client) -> No
     assert _value(after, "process_resident_memory_bytes") > 0
 
 
+def _gauge_settles(server: RunningServer, expected: float, model: str) -> float:
+    """The gauge is refreshed from the store at every sweep (0.1 s in tests): poll a bounded number of times."""
+    for _ in range(50):
+        value = _value(_scrape(server), "lstm_sessions_active", model=model)
+        if value == expected:
+            break
+        time.sleep(0.05)
+    return value
+
+
 def test_active_sessions_gauge(server: RunningServer, client: Client) -> None:
+    time.sleep(0.25)  # a few sweeps: the gauge holds whatever earlier tests left
     before = _value(_scrape(server), "lstm_sessions_active", model="golden_l2_wide")
     sessions = [client.create_session("golden_l2_wide") for _ in range(3)]
-    assert _value(_scrape(server), "lstm_sessions_active", model="golden_l2_wide") == before + 3
+    assert _gauge_settles(server, before + 3, "golden_l2_wide") == before + 3
     for s in sessions:
         s.close()
-    assert _value(_scrape(server), "lstm_sessions_active", model="golden_l2_wide") == before
+    assert _gauge_settles(server, before, "golden_l2_wide") == before

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lstm_serve.errors import InvalidInput, SessionExists, SessionNotFound
-from lstm_serve.sessions import EndReason, MemorySessionStore, Session
+from lstm_serve.sessions import EndReason, MemorySessionStore, Session, StepWrite
 
 
 class Clock:
@@ -25,8 +25,8 @@ def clock() -> Clock:
 def _store(clock: Clock, **kwargs: float) -> tuple[MemorySessionStore, list[tuple[str, EndReason]]]:
     ended: list[tuple[str, EndReason]] = []
 
-    def on_end(session: Session, reason: EndReason) -> None:
-        ended.append((session.id, reason))
+    def on_end(model: str, reason: EndReason) -> None:
+        ended.append((model, reason))
 
     options: dict[str, float] = {"max_sessions": 3, "default_ttl": 60.0} | kwargs
     store = MemorySessionStore(
@@ -43,12 +43,23 @@ def _state() -> bytes:
     return np.zeros((2, 1, 4), np.float32).tobytes()
 
 
-def test_idle_session_expires_after_its_ttl(clock: Clock) -> None:
+async def _use(store: MemorySessionStore, session: Session, clock: Clock) -> Session:
+    """A committed step: the session's idle clock restarts and it becomes the most recently used."""
+    after = session.stepped(
+        session.seq + 1, np.ones((2, 1, 4), np.float32), np.ones(1, np.float32), bytes(16), clock.now
+    )
+    [result] = await store.commit([StepWrite(session, after)])
+    assert isinstance(result, Session)
+    assert (result.seq, result.record, result.last_used) == (after.seq, after.record, clock.now)
+    return result
+
+
+async def test_idle_session_expires_after_its_ttl(clock: Clock) -> None:
     store, ended = _store(clock)
-    s = store.create("m", _state(), None, None)
+    s = await store.create("m", _state(), None, None)
     clock.now += 59.0
     assert store.get(s.id) is s
-    store.touch(s)  # use restarts the idle clock
+    s = await _use(store, s, clock)  # use restarts the idle clock
     clock.now += 59.0
     assert store.get(s.id) is s
     clock.now += 2.0
@@ -56,50 +67,54 @@ def test_idle_session_expires_after_its_ttl(clock: Clock) -> None:
         store.get(s.id)
     assert err.value.reason == "expired"
     assert "expired after 60 s idle" in err.value.message
-    assert ended == [(s.id, EndReason.EXPIRED)]
+    assert ended == [("m", EndReason.EXPIRED)]
     assert len(store) == 0
 
 
-def test_per_session_ttl_overrides_the_default_and_zero_never_expires(clock: Clock) -> None:
+async def test_per_session_ttl_overrides_the_default_and_zero_never_expires(clock: Clock) -> None:
     store, _ = _store(clock)
-    short = store.create("m", _state(), None, 5.0)
-    forever = store.create("m", _state(), None, 0.0)
+    short = await store.create("m", _state(), None, 5.0)
+    forever = await store.create("m", _state(), None, 0.0)
     clock.now += 10 * 365 * 86400.0
-    assert store.sweep() == 1
+    assert await store.sweep() == 1
     assert store.get(forever.id) is forever
     with pytest.raises(SessionNotFound, match="expired after 5 s idle"):
         store.get(short.id)
 
 
-def test_sweep_ends_only_idle_sessions(clock: Clock) -> None:
+async def test_sweep_ends_only_idle_sessions(clock: Clock) -> None:
     store, ended = _store(clock)
-    old = store.create("m", _state(), None, None)
+    old = await store.create("m", _state(), None, None)
     clock.now += 30.0
-    fresh = store.create("m", _state(), None, None)
+    fresh = await store.create("m", _state(), None, None)
     clock.now += 31.0
-    assert store.sweep() == 1
-    assert ended == [(old.id, EndReason.EXPIRED)]
+    assert await store.sweep() == 1
+    assert ended == [("m", EndReason.EXPIRED)]
+    with pytest.raises(SessionNotFound, match="expired"):
+        store.get(old.id)
     assert store.get(fresh.id) is fresh
 
 
-def test_sweep_works_in_chunks(clock: Clock) -> None:
+async def test_sweep_works_in_chunks(clock: Clock) -> None:
     store, ended = _store(clock, max_sessions=10)
-    sessions = [store.create("m", _state(), None, None) for _ in range(5)]
-    clock.now += 61
-    store.touch(sessions[2])  # used just now: stays
+    sessions = [await store.create("m", _state(), None, None) for _ in range(5)]
+    clock.now += 59
+    await _use(store, sessions[2], clock)  # used just now: stays
+    clock.now += 2
     assert list(store.sweep_in_chunks(chunk=2)) == [2, 2, 0]  # LRU order: the touched one is last
-    assert [sid for sid, _ in ended] == [s.id for i, s in enumerate(sessions) if i != 2]
+    assert ended == [("m", EndReason.EXPIRED)] * 4
+    assert [x.id for x in store.live()] == [sessions[2].id]
 
 
-def test_full_store_evicts_the_least_recently_used(clock: Clock) -> None:
+async def test_full_store_evicts_the_least_recently_used(clock: Clock) -> None:
     store, ended = _store(clock)
-    a = store.create("m", _state(), "a", None)
-    b = store.create("m", _state(), "b", None)
-    c = store.create("m", _state(), "c", None)
+    a = await store.create("m", _state(), "a", None)
+    b = await store.create("m", _state(), "b", None)
+    c = await store.create("m", _state(), "c", None)
     clock.now += 1
-    store.touch(a)  # b is now the least recently used
-    d = store.create("m", _state(), "d", None)
-    assert ended == [("b", EndReason.EVICTED)]
+    a = await _use(store, a, clock)  # b is now the least recently used
+    d = await store.create("m", _state(), "d", None)
+    assert ended == [("m", EndReason.EVICTED)]
     assert [store.get(x.id) for x in (a, c, d)] == [a, c, d]
     with pytest.raises(SessionNotFound) as err:
         store.get(b.id)
@@ -107,64 +122,64 @@ def test_full_store_evicts_the_least_recently_used(clock: Clock) -> None:
     assert "max_sessions=3" in err.value.message
 
 
-def test_closed_session_reports_closed_and_touch_fails(clock: Clock) -> None:
+async def test_closed_session_reports_closed_and_touch_fails(clock: Clock) -> None:
     store, ended = _store(clock)
-    s = store.create("m", _state(), "x", None)
-    store.close("x")
+    s = await store.create("m", _state(), "x", None)
+    await store.close("x")
     with pytest.raises(SessionNotFound) as err:
         store.get("x")
     assert err.value.reason == "closed"
     assert "closed by the client" in err.value.message
-    with pytest.raises(SessionNotFound):
-        store.touch(s)
-    assert ended == [("x", EndReason.CLOSED)]
+    [gone] = await store.commit([StepWrite(s, s.reset(_state(), clock.now))])
+    assert isinstance(gone, SessionNotFound)
+    assert ended == [("m", EndReason.CLOSED)]
 
 
-def test_unknown_session(clock: Clock) -> None:
+async def test_unknown_session(clock: Clock) -> None:
     store, _ = _store(clock)
     with pytest.raises(SessionNotFound) as err:
         store.get("nope")
     assert err.value.reason == "unknown_session"
 
 
-def test_end_reasons_are_forgotten_after_a_while_and_bounded(clock: Clock) -> None:
+async def test_end_reasons_are_forgotten_after_a_while_and_bounded(clock: Clock) -> None:
     store, _ = _store(clock, max_sessions=10, ended_ttl=100.0, max_ended=2)
     for name in ("a", "b", "c"):
-        store.create("m", _state(), name, None)
-        store.close(name)
+        await store.create("m", _state(), name, None)
+        await store.close(name)
     with pytest.raises(SessionNotFound) as err:
         store.get("a")  # pushed out by the bound of 2
     assert err.value.reason == "unknown_session"
     clock.now += 101
-    store.sweep()
+    await store.sweep()
     with pytest.raises(SessionNotFound) as err:
         store.get("c")
     assert err.value.reason == "unknown_session"
 
 
-def test_client_ids_are_checked_and_unique(clock: Clock) -> None:
+async def test_client_ids_are_checked_and_unique(clock: Clock) -> None:
     store, _ = _store(clock)
-    store.create("m", _state(), "device-17:a.b", None)
+    await store.create("m", _state(), "device-17:a.b", None)
     with pytest.raises(SessionExists):
-        store.create("m", _state(), "device-17:a.b", None)
+        await store.create("m", _state(), "device-17:a.b", None)
     for bad in ("has space", "x" * 129, "ümlaut", "a/b"):
         with pytest.raises(InvalidInput):
-            store.create("m", _state(), bad, None)
-    store.close("device-17:a.b")
-    assert store.create("m", _state(), "device-17:a.b", None).seq == 0  # a closed id may be used again
+            await store.create("m", _state(), bad, None)
+    await store.close("device-17:a.b")
+    assert (await store.create("m", _state(), "device-17:a.b", None)).seq == 0  # a closed id may be used again
 
 
-def test_generated_ids_are_long_and_distinct(clock: Clock) -> None:
+async def test_generated_ids_are_long_and_distinct(clock: Clock) -> None:
     store, _ = _store(clock, max_sessions=1000)
-    ids = {store.create("m", _state(), None, None).id for _ in range(500)}
+    ids = {(await store.create("m", _state(), None, None)).id for _ in range(500)}
     assert len(ids) == 500
     assert min(len(i) for i in ids) >= 22  # 128 bits in base64url
 
 
-def test_an_expired_but_unswept_id_can_be_created_again(clock: Clock) -> None:
+async def test_an_expired_but_unswept_id_can_be_created_again(clock: Clock) -> None:
     store, ended = _store(clock)
-    store.create("m", _state(), "dev-1", 10.0)
+    await store.create("m", _state(), "dev-1", 10.0)
     clock.now += 11
-    again = store.create("m", _state(), "dev-1", None)
+    again = await store.create("m", _state(), "dev-1", None)
     assert again.seq == 0
-    assert ended == [("dev-1", EndReason.EXPIRED)]
+    assert ended == [("m", EndReason.EXPIRED)]

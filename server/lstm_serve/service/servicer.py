@@ -115,12 +115,12 @@ class LstmServicer(lstm_pb2_grpc.LstmServiceServicer):
     @_unary
     async def CreateSession(self, request: lstm_pb2.CreateSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
         ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
-        session = self.plane.create_session(request.model, request.session_id or None, ttl)
+        session = await self.plane.create_session(request.model, request.session_id or None, ttl)
         return codec.session_info(session)
 
     @_unary
     async def GetSession(self, request: lstm_pb2.GetSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
-        return codec.session_info(self.plane.get_session(request.session_id))
+        return codec.session_info(await self.plane.get_session(request.session_id))
 
     @_unary
     async def ResetSession(self, request: lstm_pb2.ResetSessionRequest, context: Context) -> lstm_pb2.SessionInfo:

@@ -7,6 +7,7 @@ import grpc
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_client.errors import ERROR_METADATA_KEY
 from lstm_serve.errors import (
+    CapacityExceeded,
     InvalidInput,
     LimitExceeded,
     LstmServeError,
@@ -16,6 +17,7 @@ from lstm_serve.errors import (
     SessionExists,
     SessionNotFound,
     ShuttingDown,
+    StoreUnavailable,
 )
 
 STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
@@ -26,6 +28,8 @@ STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
     SequenceMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ModelLoadError: grpc.StatusCode.INTERNAL,
 }
 

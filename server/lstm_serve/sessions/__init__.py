@@ -1,6 +1,30 @@
-"""Where sessions live between calls. Only an in-memory store for now; the protocol leaves room for Redis."""
+"""Where sessions live between calls: in this process (the embedded default) or in Redis, shared by every worker
+and replica. Both keep the one contract of lstm_serve.sessions.store."""
 
 from lstm_serve.sessions.memory import MemorySessionStore
-from lstm_serve.sessions.store import EndReason, Session, SessionStore, new_session_id, validate_session_id
+from lstm_serve.sessions.store import (
+    CapacityPolicy,
+    CommitResult,
+    EndReason,
+    Session,
+    SessionStore,
+    Stale,
+    StepWrite,
+    input_digest,
+    new_session_id,
+    validate_session_id,
+)
 
-__all__ = ["EndReason", "MemorySessionStore", "Session", "SessionStore", "new_session_id", "validate_session_id"]
+__all__ = [
+    "CapacityPolicy",
+    "CommitResult",
+    "EndReason",
+    "MemorySessionStore",
+    "Session",
+    "SessionStore",
+    "Stale",
+    "StepWrite",
+    "input_digest",
+    "new_session_id",
+    "validate_session_id",
+]

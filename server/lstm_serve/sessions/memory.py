@@ -1,38 +1,66 @@
-"""In-process session store: a dict in LRU order, idle TTL, a size bound, and a memory of how sessions ended."""
+"""In-process session store: a dict in LRU order, idle TTL, a size bound, and a memory of how sessions ended.
+
+The embedded default: nothing to run beside the server. Sessions die with the process unless a snapshot is written
+at shutdown (lstm_serve.sessions.snapshot); a port shared with other processes would split sessions between them, so
+the server refuses SO_REUSEPORT with this store.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from lstm_serve.errors import SessionExists, SessionNotFound
-from lstm_serve.sessions.store import EndReason, Session, new_session_id, validate_session_id
-
-EndHook = Callable[[Session, EndReason], None]
+from lstm_serve.errors import CapacityExceeded, SessionExists, SessionNotFound
+from lstm_serve.sessions.store import (
+    CapacityPolicy,
+    CommitResult,
+    EndHook,
+    EndReason,
+    LoadResult,
+    Session,
+    Stale,
+    StepWrite,
+    new_session_id,
+    validate_session_id,
+)
 
 
 @dataclass(frozen=True, slots=True)
-class _Ended:
+class Ended:
     reason: EndReason
     at: float
     detail: str
 
 
+def not_found(session_id: str, ended: Ended | None) -> SessionNotFound:
+    """The one wording of "gone" for every store: why and when, or plain unknown."""
+    validate_session_id(session_id)  # a malformed id is bad input, not an unknown session (and is not echoed)
+    if ended is None:
+        return SessionNotFound(f"unknown session {session_id!r}")
+    when = datetime.fromtimestamp(ended.at, UTC).isoformat(timespec="seconds")
+    return SessionNotFound(f"session {session_id!r} was {ended.reason} {ended.detail} at {when}", ended.reason)
+
+
 class MemorySessionStore:
-    """Not thread-safe: used from the event loop only.
+    """Not thread-safe: used from the event loop only. Its async methods never suspend.
 
     Ended sessions are remembered (at most `max_ended`, for `ended_ttl` seconds) so that a client whose session is gone
     learns why instead of a bare "unknown session".
     """
+
+    shared = False
+    authoritative = True
 
     def __init__(
         self,
         *,
         max_sessions: int,
         default_ttl: float,
+        policy: CapacityPolicy = CapacityPolicy.EVICT,
         ended_ttl: float = 3600.0,
         max_ended: int = 100_000,
         clock: Callable[[], float] = time.time,
@@ -40,6 +68,7 @@ class MemorySessionStore:
     ) -> None:
         self.max_sessions = max_sessions
         self.default_ttl = default_ttl
+        self.policy = policy
         self.ended_ttl = ended_ttl
         self.max_ended = max_ended
         self._clock = clock
@@ -47,12 +76,15 @@ class MemorySessionStore:
         # Least recently used first. A plain dict keeps insertion order and costs 38 bytes an entry against
         # OrderedDict's 91 (measured); "move to end" is pop + insert, "oldest" is the first key.
         self._live: dict[str, Session] = {}
-        self._ended: OrderedDict[str, _Ended] = OrderedDict()  # oldest first
+        self._ended: OrderedDict[str, Ended] = OrderedDict()  # oldest first
+        self._counts: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
+    # --- the SessionStore protocol ------------------------------------------------------------------------------
+
+    async def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
         if session_id:
             validate_session_id(session_id)
             existing = self._live.get(session_id)
@@ -62,11 +94,15 @@ class MemorySessionStore:
                 raise SessionExists(f"session {session_id!r} already exists")
         else:
             session_id = new_session_id()
+        if len(self._live) >= self.max_sessions:
+            self.sweep_now()
+        if len(self._live) >= self.max_sessions and self.policy is CapacityPolicy.REFUSE:
+            raise CapacityExceeded(
+                f"the server holds max_sessions={self.max_sessions} live sessions; close idle ones or retry later"
+            )
         while len(self._live) >= self.max_sessions:
             victim = self._live.pop(next(iter(self._live)))
-            self._end(
-                victim, EndReason.EVICTED, f"(least recently used; the server was at max_sessions={self.max_sessions})"
-            )
+            self._end(victim, EndReason.EVICTED, f"(least recently used; at max_sessions={self.max_sessions})")
         now = self._clock()
         session = Session(
             id=session_id,
@@ -76,32 +112,78 @@ class MemorySessionStore:
             last_used=now,
             idle_ttl=self.default_ttl if idle_ttl is None else idle_ttl,
         )
-        self._live[session_id] = session
-        self._ended.pop(session_id, None)
+        self._add(session)
         return session
 
-    def get(self, session_id: str) -> Session:
-        session = self._live.get(session_id)
-        if session is None:
-            raise self._not_found(session_id)
-        if self._idle_expired(session, self._clock()):
-            self._expire(session)
-            raise self._not_found(session_id)
+    async def load(self, session_ids: Sequence[str], *, fresh: bool) -> list[LoadResult]:
+        results: list[LoadResult] = []
+        for session_id in session_ids:
+            try:
+                results.append(self.get(session_id))
+            except SessionNotFound as exc:
+                results.append(exc)
+        return results
+
+    async def commit(self, writes: Sequence[StepWrite]) -> list[CommitResult]:
+        results: list[CommitResult] = []
+        for write in writes:
+            try:
+                live = self.get(write.base.id)
+            except SessionNotFound as exc:  # evicted or expired while computing
+                results.append(exc)
+                continue
+            if live.rev != write.base.rev:
+                results.append(Stale(live))
+                continue
+            after = replace(write.after, last_used=self._clock())  # the store's clock decides idleness
+            self._replace(after)
+            results.append(after)
+        return results
+
+    async def reset(self, session_id: str, zero_state: bytes) -> Session:
+        session = self.get(session_id).reset(zero_state, self._clock())
+        self._replace(session)
         return session
 
-    def touch(self, session: Session) -> None:
-        if self._live.get(session.id) is not session:
-            raise self._not_found(session.id)
-        session.last_used = self._clock()
-        self._live[session.id] = self._live.pop(session.id)
-
-    def close(self, session_id: str) -> Session:
+    async def close(self, session_id: str) -> Session:
         session = self.get(session_id)
         del self._live[session_id]
         self._end(session, EndReason.CLOSED, "by the client")
         return session
 
-    def sweep(self) -> int:
+    async def end(self, session_id: str, reason: EndReason, detail: str) -> None:
+        session = self._live.pop(session_id, None)
+        if session is not None:
+            self._end(session, reason, detail)
+
+    async def sweep(self) -> int:
+        ended = 0
+        for count in self.sweep_in_chunks():
+            ended += count
+            await asyncio.sleep(0)  # let requests run between chunks
+        return ended
+
+    async def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    # --- synchronous core ---------------------------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Session:
+        session = self._live.get(session_id)
+        if session is None:
+            raise not_found(session_id, self._ended.get(session_id))
+        if self._idle_expired(session, self._clock()):
+            self._expire(session)
+            raise not_found(session_id, self._ended.get(session_id))
+        return session
+
+    def sweep_now(self) -> int:
         return sum(self.sweep_in_chunks())
 
     def sweep_in_chunks(self, chunk: int = 5000) -> Iterator[int]:
@@ -120,6 +202,30 @@ class MemorySessionStore:
                 self._expire(session)
             yield len(expired)
 
+    def live(self) -> list[Session]:
+        """Every live session, least recently used first (for a snapshot)."""
+        return list(self._live.values())
+
+    def ended(self) -> list[tuple[str, Ended]]:
+        return list(self._ended.items())
+
+    def restore(self, sessions: Sequence[Session], ended: Sequence[tuple[str, Ended]]) -> None:
+        """Takes sessions and end reasons read from a snapshot, in their LRU order, as if they had never left."""
+        for session_id, info in ended:
+            self._ended[session_id] = info
+        for session in sessions:
+            self._add(session)
+
+    def _add(self, session: Session) -> None:
+        self._live[session.id] = session
+        self._ended.pop(session.id, None)
+        self._counts[session.model] += 1
+
+    def _replace(self, session: Session) -> None:
+        """The newer record of a live session, now the most recently used."""
+        del self._live[session.id]
+        self._live[session.id] = session
+
     @staticmethod
     def _idle_expired(session: Session, now: float) -> bool:
         return session.idle_ttl > 0 and now - session.last_used > session.idle_ttl
@@ -129,17 +235,12 @@ class MemorySessionStore:
         self._end(session, EndReason.EXPIRED, f"after {session.idle_ttl:g} s idle")
 
     def _end(self, session: Session, reason: EndReason, detail: str) -> None:
-        self._ended[session.id] = _Ended(reason, self._clock(), detail)
+        self._ended[session.id] = Ended(reason, self._clock(), detail)
         self._ended.move_to_end(session.id)
         while len(self._ended) > self.max_ended:
             self._ended.popitem(last=False)
+        self._counts[session.model] -= 1
+        if self._counts[session.model] <= 0:
+            del self._counts[session.model]
         if self._on_end is not None:
-            self._on_end(session, reason)
-
-    def _not_found(self, session_id: str) -> SessionNotFound:
-        validate_session_id(session_id)  # a malformed id is bad input, not an unknown session (and is not echoed)
-        ended = self._ended.get(session_id)
-        if ended is None:
-            return SessionNotFound(f"unknown session {session_id!r}")
-        when = datetime.fromtimestamp(ended.at, UTC).isoformat(timespec="seconds")
-        return SessionNotFound(f"session {session_id!r} was {ended.reason} {ended.detail} at {when}", ended.reason)
+            self._on_end(session.model, reason)

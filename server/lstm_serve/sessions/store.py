@@ -1,37 +1,52 @@
-"""A session record and the contract every session store keeps."""
+"""A session record and the contract every session store keeps.
+
+The contract is async and batch-shaped so that a store across the network (Redis) costs one round trip per batch of
+steps, not one per session; the in-memory store answers the same calls without suspending.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
 import numpy as np
 
 from lstm_serve.engine.cell import F32
-from lstm_serve.errors import InvalidInput
+from lstm_serve.errors import InvalidInput, SessionNotFound
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+DIGEST_BYTES = 16  # blake2b-128 of a step's inputs: a retry with other inputs cannot be made to collide cheaply
 
 
 class EndReason(StrEnum):
     CLOSED = "closed"
     EXPIRED = "expired"
     EVICTED = "evicted"
+    MODEL_CHANGED = "model_changed"  # the model now has another state shape than the session was stepped with
 
 
-@dataclass(slots=True, eq=False)
+class CapacityPolicy(StrEnum):
+    EVICT = "evict"  # creating a session past max_sessions ends the least recently used one
+    REFUSE = "refuse"  # ... or is refused with RESOURCE_EXHAUSTED, and no client loses state it did not give up
+
+
+EndHook = Callable[[str, EndReason], None]  # (model, reason), called once per ended session, store-wide
+
+
+@dataclass(frozen=True, slots=True)
 class Session:
     """All a session is: its recurrent state, where it is in its sequence, and the last reply (for retries).
 
     State and reply live in one immutable `bytes` record: the float32 state (2, L, H), then, once the session has
-    stepped, the CRC-32 of step `seq`'s inputs (4 bytes, big-endian) and that step's float32 outputs. Immutable, so a
-    step computed from the state can be dropped without harm (the record is replaced, never written into); sessions
-    that never stepped share their model's zero state; one object instead of arrays and ints saves ~250 bytes a
-    session (docs/performance.md, memory per session).
+    stepped, the blake2b-128 digest of step `seq`'s inputs and that step's float32 outputs. `rev` counts every change
+    of the record (steps and resets): a commit is a compare-and-set on it, so a step computed from an old record can
+    never overwrite a newer one, in one process or across replicas. Frozen: a store hands out snapshots, and a change
+    is a new Session (`stepped`, `reset`).
     """
 
     id: str
@@ -42,28 +57,67 @@ class Session:
     idle_ttl: float  # seconds; 0 = no idle expiry
     seq: int = 0
     steps: int = 0
+    rev: int = 0
 
     def state_array(self, shape: tuple[int, int, int]) -> F32:
         """A read-only view of the state, shape (2, L, H)."""
         return np.frombuffer(self.record, dtype=np.float32, count=shape[0] * shape[1] * shape[2]).reshape(shape)
 
-    def apply(self, seq: int, state: F32, outputs: F32, digest: int) -> None:
-        self.record = state.tobytes() + digest.to_bytes(4, "big") + outputs.tobytes()
-        self.seq = seq
-        self.steps += len(outputs) if outputs.ndim == 2 else 1
+    def fits(self, shape: tuple[int, int, int], output_size: int) -> bool:
+        """Whether the record was written by a model of this state shape (a changed model leaves records that do not
+        fit, and must not be read as if they did)."""
+        n = 4 * shape[0] * shape[1] * shape[2]
+        rest = len(self.record) - n
+        return rest == 0 or (rest > DIGEST_BYTES and (rest - DIGEST_BYTES) % (4 * output_size) == 0)
 
-    def reset(self, zero_state: bytes) -> None:
+    def stepped(self, seq: int, state: F32, outputs: F32, digest: bytes, now: float) -> Session:
+        return replace(
+            self,
+            record=state.tobytes() + digest + outputs.tobytes(),
+            seq=seq,
+            steps=self.steps + (len(outputs) if outputs.ndim == 2 else 1),
+            rev=self.rev + 1,
+            last_used=now,
+        )
+
+    def reset(self, zero_state: bytes, now: float) -> Session:
         """Zero state; the stored reply stays (a retry of step `seq` still gets its answer)."""
-        self.record = zero_state + self.record[len(zero_state) :]
+        return replace(self, record=zero_state + self.record[len(zero_state) :], rev=self.rev + 1, last_used=now)
 
-    def last_reply(self, shape: tuple[int, int, int], output_size: int) -> tuple[int, F32] | None:
-        """The CRC-32 of step `seq`'s inputs and its outputs as (T, O), or None before the first step. (Whether the
-        request had shape [I] or [1, I] is the retry's own: same inputs, same CRC.)"""
+    def last_reply(self, shape: tuple[int, int, int], output_size: int) -> tuple[bytes, F32] | None:
+        """The digest of step `seq`'s inputs and its outputs as (T, O), or None before the first step. (Whether the
+        request had shape [I] or [1, I] is the retry's own: same inputs, same digest.)"""
         n = 4 * shape[0] * shape[1] * shape[2]
         if len(self.record) == n:
             return None
-        digest = int.from_bytes(self.record[n : n + 4], "big")
-        return digest, np.frombuffer(self.record, dtype=np.float32, offset=n + 4).reshape(-1, output_size)
+        digest = self.record[n : n + DIGEST_BYTES]
+        outputs = np.frombuffer(self.record, dtype=np.float32, offset=n + DIGEST_BYTES).reshape(-1, output_size)
+        return digest, outputs
+
+
+def input_digest(xs: F32) -> bytes:
+    return hashlib.blake2b(xs.tobytes(), digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class StepWrite:
+    """A step to commit: `base` is the session as the step was computed from it; `after` is the result. The store
+    applies it only if the session is still at `base.rev`."""
+
+    base: Session
+    after: Session
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """A commit lost the compare-and-set: `current` is the session as the store has it now (another replica or a
+    reset got there first); the caller decides again from it, e.g. replays the stored reply."""
+
+    current: Session
+
+
+CommitResult = Session | Stale | SessionNotFound
+LoadResult = Session | SessionNotFound
 
 
 def new_session_id() -> str:
@@ -72,32 +126,53 @@ def new_session_id() -> str:
 
 
 def validate_session_id(session_id: str) -> str:
-    if not _CLIENT_ID.match(session_id):
+    if not _CLIENT_ID.fullmatch(session_id):  # fullmatch: "$" would admit a trailing newline
         raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9._:-]")
     return session_id
 
 
 class SessionStore(Protocol):
-    def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
-        """Raises SessionExists when a live session has `session_id`."""
+    """Where sessions live. Every method may raise StoreUnavailable (a shared store that cannot be reached).
+
+    `shared` tells whether other processes see the same sessions (several workers or replicas may only serve one port
+    or one set of clients with a shared store); `authoritative` whether `load(..., fresh=False)` always answers the
+    truth (a store with a process-local cache answers from the cache, and a commit then validates it).
+    """
+
+    shared: bool
+    authoritative: bool
+
+    async def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
+        """Raises SessionExists when a live session has `session_id`; CapacityExceeded under the refuse policy."""
         ...
 
-    def get(self, session_id: str) -> Session:
-        """Raises SessionNotFound, naming why when the session ended (closed, expired, evicted)."""
+    async def load(self, session_ids: Sequence[str], *, fresh: bool) -> list[LoadResult]:
+        """The sessions, in order; SessionNotFound (naming why a session ended) for those that are gone. With
+        fresh=False a store may answer from its cache."""
         ...
 
-    def touch(self, session: Session) -> None:
-        """Marks the session used now (after a step or reset); raises SessionNotFound if it ended meanwhile."""
+    async def commit(self, writes: Sequence[StepWrite]) -> list[CommitResult]:
+        """Applies each write whose base is still current (compare-and-set on rev), restarting its idle clock."""
         ...
 
-    def close(self, session_id: str) -> Session: ...
+    async def reset(self, session_id: str, zero_state: bytes) -> Session: ...
 
-    def sweep(self) -> int:
-        """Ends idle sessions past their TTL; returns how many."""
+    async def close(self, session_id: str) -> Session: ...
+
+    async def end(self, session_id: str, reason: EndReason, detail: str) -> None:
+        """Ends a live session for a reason of the server's (a model that changed shape); no-op if already gone."""
         ...
 
-    def sweep_in_chunks(self, chunk: int = 5000) -> Iterator[int]:
-        """The same, a chunk at a time: yields the count ended by each chunk."""
+    async def sweep(self) -> int:
+        """Ends idle sessions past their TTL (a shared store: those nobody has accounted for yet); returns how many."""
         ...
 
-    def __len__(self) -> int: ...
+    async def counts(self) -> dict[str, int]:
+        """Live sessions by model, store-wide."""
+        ...
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable when the store cannot serve."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -58,10 +58,11 @@ def start_server(settings: Settings) -> tuple[RunningServer, _Thread]:
             stop = asyncio.Event()
             try:
                 await app.start()
-            except BaseException as exc:
+            except BaseException as exc:  # reported to the caller by start_server, not raised in this thread
+                await app.stop(grace=0)
                 holder["error"] = exc
                 started.set()
-                raise
+                return
             holder["server"] = RunningServer(app, asyncio.get_running_loop())
             holder["stop"] = stop
             started.set()

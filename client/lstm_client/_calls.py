@@ -1,4 +1,4 @@
-"""What the sync and async clients share: request building, response decoding, result types and the retry policy.
+"""What the sync and async clients share: request building, response decoding and result types (retries: `_retry`).
 
 The two clients differ only in how they wait (blocking vs `await`); everything they compute goes through here, so the
 twins stay thin and cannot drift apart.
@@ -6,11 +6,9 @@ twins stay thin and cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import duration_pb2
@@ -18,26 +16,6 @@ from google.protobuf import duration_pb2
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_client.errors import error_from_detail
 from lstm_client.tensor import FloatArray, from_tensor, to_tensor
-
-# Safe to resend because the server deduplicates by (session, seq) or the call changes nothing.
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff between attempts; `attempts` counts the first try."""
-
-    attempts: int = 4
-    initial_backoff: float = 0.05
-    max_backoff: float = 1.0
-    multiplier: float = 2.0
-
-    def backoffs(self) -> Iterator[float]:
-        """Pauses before attempt 2, 3, ...; exhausted means give up."""
-        delay = self.initial_backoff
-        for _ in range(self.attempts - 1):
-            yield delay
-            delay = min(delay * self.multiplier, self.max_backoff)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +100,13 @@ def create_session_request(
         duration.FromTimedelta(ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl))
         req.idle_ttl.CopyFrom(duration)
     return req
+
+
+def is_fresh_session(msg: lstm_pb2.SessionInfo, model: str) -> bool:
+    """Whether a session found under the id we asked CreateSession for is the one our lost reply created: untouched
+    (seq 0) and of our model. (A client-chosen id is the caller's to keep unique, so nobody else's session is
+    expected there.)"""
+    return msg.seq == 0 and msg.model == model
 
 
 def step_request(session_id: str, seq: int, x: npt.ArrayLike) -> lstm_pb2.StepRequest:

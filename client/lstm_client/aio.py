@@ -1,4 +1,5 @@
-"""asyncio client, the twin of `lstm_client.client`: same methods, awaited; requests and decoding via `_calls`."""
+"""asyncio client, the twin of `lstm_client.client`: same methods, awaited; requests and decoding via `_calls`,
+retries via `_retry`."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import grpc
 import grpc.aio
 import numpy.typing as npt
 
-from lstm_client import _calls
-from lstm_client._calls import ModelFailure, ModelInfo, Prediction, RetryPolicy, SessionInfo
+from lstm_client import _calls, _retry
+from lstm_client._calls import ModelFailure, ModelInfo, Prediction, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
+from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.client import DEFAULT_OPTIONS
-from lstm_client.errors import ServerError, SessionGone, error_from_rpc
+from lstm_client.errors import SessionGone, error_from_detail
 from lstm_client.tensor import FloatArray
 
 T = TypeVar("T")
@@ -37,6 +39,7 @@ class AsyncClient:
         self.target = target
         self.timeout = timeout
         self.retry = retry
+        self._on_retry: _retry.OnRetry | None = None  # told of every retry (the load generator counts them)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         else:
@@ -52,45 +55,70 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close(None)
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: object, *, retry: bool = True) -> T:
-        pauses = self.retry.backoffs() if retry else iter(())
-        while True:
-            try:
-                return await method(request, timeout=self.timeout)
-            except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
-                if pause is None:
-                    raise error_from_rpc(exc) from None
-                await asyncio.sleep(pause)
+    # The internal API of sessions, streams and the load generator; the same as `Client`'s, awaited.
+
+    async def _run(self, attempt: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+        schedule = self.retry.schedule() if retry else None
+        return await _retry.run_async(attempt, schedule, on_retry=self._on_retry)
+
+    async def _invoke(self, method: str, request: object, *, affinity: str | None = None, retry: bool = True) -> Any:
+        rpc = getattr(self._stub, method)
+        metadata = _retry.affinity(affinity)
+        return await self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
+
+    def _open_stream(self, *, affinity: str | None) -> Any:
+        """A new StreamSteps call, written to and read from by the caller."""
+        return self._stub.StreamSteps(metadata=_retry.affinity(affinity))
 
     async def list_models(self) -> list[ModelInfo]:
         return (await self.list_models_with_failures())[0]
 
     async def list_models_with_failures(self) -> tuple[list[ModelInfo], list[ModelFailure]]:
-        return _calls.model_list(await self._call(self._stub.ListModels, lstm_pb2.ListModelsRequest()))
+        return _calls.model_list(await self._invoke("ListModels", lstm_pb2.ListModelsRequest()))
 
     async def get_model(self, name: str) -> ModelInfo:
-        return _calls.model_info(await self._call(self._stub.GetModel, lstm_pb2.GetModelRequest(name=name)))
+        return _calls.model_info(await self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name)))
 
     async def create_session(
         self, model: str, *, ttl: float | timedelta | None = None, session_id: str | None = None
     ) -> AsyncSession:
+        """See `Client.create_session`: retried only with a client-chosen `session_id`."""
         request = _calls.create_session_request(model, ttl, session_id)
-        info = _calls.session_info(await self._call(self._stub.CreateSession, request, retry=False))
-        return AsyncSession(self, info)
+        if session_id is None:
+            return AsyncSession(self, _calls.session_info(await self._invoke("CreateSession", request, retry=False)))
+        metadata = _retry.affinity(session_id)
+        failed_before = False
+
+        async def attempt() -> Any:
+            nonlocal failed_before
+            try:
+                return await self._stub.CreateSession(request, timeout=self.timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                if not (failed_before and exc.code() == grpc.StatusCode.ALREADY_EXISTS):
+                    failed_before = True
+                    raise
+                taken = exc
+            found = await self._stub.GetSession(
+                lstm_pb2.GetSessionRequest(session_id=session_id), timeout=self.timeout, metadata=metadata
+            )
+            if not _calls.is_fresh_session(found, model):
+                raise taken
+            return found
+
+        return AsyncSession(self, _calls.session_info(await self._run(attempt)))
 
     async def session(self, session_id: str) -> AsyncSession:
         return AsyncSession(self, await self.session_info(session_id))
 
     async def session_info(self, session_id: str) -> SessionInfo:
         request = lstm_pb2.GetSessionRequest(session_id=session_id)
-        return _calls.session_info(await self._call(self._stub.GetSession, request))
+        return _calls.session_info(await self._invoke("GetSession", request, affinity=session_id))
 
     async def predict(
         self, model: str, xs: npt.ArrayLike, *, h0: npt.ArrayLike | None = None, c0: npt.ArrayLike | None = None
     ) -> Prediction:
         request = _calls.predict_request(model, xs, h0, c0)
-        return _calls.prediction(await self._call(self._stub.Predict, request))
+        return _calls.prediction(await self._invoke("Predict", request))
 
 
 class AsyncSession:
@@ -113,16 +141,15 @@ class AsyncSession:
 
     async def step(self, x: npt.ArrayLike) -> FloatArray:
         request = _calls.step_request(self.id, self.seq + 1, x)
-        outputs = _calls.step_outputs(await self._client._call(self._client._stub.Step, request))
+        outputs = _calls.step_outputs(await self._client._invoke("Step", request, affinity=self.id))
         self.seq += 1
         return outputs
 
     async def stream(self, xs: Iterable[npt.ArrayLike] | AsyncIterable[npt.ArrayLike]) -> AsyncIterator[FloatArray]:
-        stream = _AsyncStepStream(self._client)
+        stream = _AsyncStepStream(self._client, self.id)
         try:
             async for x in _aiter(xs):
-                request = _calls.step_request(self.id, self.seq + 1, x)
-                outputs = _calls.step_outputs(await stream.exchange(request))
+                outputs = await stream.exchange(_calls.step_request(self.id, self.seq + 1, x))
                 self.seq += 1
                 yield outputs
         finally:
@@ -133,7 +160,7 @@ class AsyncSession:
 
     async def reset(self) -> SessionInfo:
         request = lstm_pb2.ResetSessionRequest(session_id=self.id)
-        info = _calls.session_info(await self._client._call(self._client._stub.ResetSession, request))
+        info = _calls.session_info(await self._client._invoke("ResetSession", request, affinity=self.id))
         self.seq = info.seq
         return info
 
@@ -144,7 +171,7 @@ class AsyncSession:
     async def close(self) -> None:
         request = lstm_pb2.CloseSessionRequest(session_id=self.id)
         try:
-            await self._client._call(self._client._stub.CloseSession, request)
+            await self._client._invoke("CloseSession", request, affinity=self.id)
         except SessionGone as err:
             if err.reason != "closed":
                 raise
@@ -160,31 +187,58 @@ async def _aiter(xs: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
 
 
 class _AsyncStepStream:
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
-        self._call: Any = client._stub.StreamSteps()
+    """See `lstm_client.client._StepStream`: the same bookkeeping over a grpc.aio call."""
 
-    async def exchange(self, request: lstm_pb2.StepRequest) -> lstm_pb2.StepReply:
-        pauses = self._client.retry.backoffs()
-        while True:
-            try:
-                await self._call.write(request)
-                reply = await self._call.read()
-            except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
-                if pause is None:
-                    raise error_from_rpc(exc) from None
-                await asyncio.sleep(pause)
-                self._call = self._client._stub.StreamSteps()
-                continue
-            if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
-                raise ServerError("the server ended the step stream early")
-            return reply  # type: ignore[no-any-return]
+    def __init__(self, client: AsyncClient, session_id: str) -> None:
+        self._client = client
+        self._session_id = session_id
+        self._unacked: dict[int, lstm_pb2.StepRequest] = {}  # by seq, in sending order
+        self._unsent: list[lstm_pb2.StepRequest] = []  # accepted, not yet written on the current call
+        self._call: Any = None
+
+    def _open(self) -> None:
+        self._call = self._client._open_stream(affinity=self._session_id)
+        self._unsent = list(self._unacked.values())
+
+    def _drop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._call = None
+
+    async def exchange(self, request: lstm_pb2.StepRequest) -> FloatArray:
+        self._unacked[request.seq] = request
+        self._unsent.append(request)
+        return await self._client._run(self._attempt)
+
+    async def _attempt(self) -> FloatArray:
+        if self._call is None:
+            self._open()
+        try:
+            while self._unsent:
+                await _retry.write(self._call, self._unsent[0])
+                self._unsent.pop(0)
+            reply = await self._call.read()
+        except (grpc.RpcError, StreamBroken):
+            self._drop()
+            raise
+        if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
+            self._drop()
+            raise StreamBroken("the server ended the step stream early")
+        if reply.HasField("error"):
+            err = error_from_detail(reply.error)
+            if _retry.retryable(err):  # not applied (or applied and stored): resend on a new call
+                self._drop()
+                raise err
+        self._unacked.pop(reply.seq, None)
+        return _calls.step_outputs(reply)
 
     async def close(self) -> None:
+        if self._call is None:
+            return
         try:
             await self._call.done_writing()
             while await self._call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
                 pass
-        except grpc.RpcError:
-            pass
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass  # broken at the very end: every reply has been received
+        self._call = None

@@ -1,9 +1,9 @@
-"""Blocking client. `AsyncClient` in lstm_client.aio is its twin; both build and decode through `_calls`."""
+"""Blocking client. `AsyncClient` in lstm_client.aio is its twin; both build and decode through `_calls` and retry
+through `_retry`."""
 
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -12,10 +12,11 @@ from typing import Any, Self, TypeVar
 import grpc
 import numpy.typing as npt
 
-from lstm_client import _calls
-from lstm_client._calls import ModelFailure, ModelInfo, Prediction, RetryPolicy, SessionInfo
+from lstm_client import _calls, _retry
+from lstm_client._calls import ModelFailure, ModelInfo, Prediction, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
-from lstm_client.errors import ServerError, SessionGone, error_from_rpc
+from lstm_client._retry import RetryPolicy, StreamBroken
+from lstm_client.errors import SessionGone, error_from_detail
 from lstm_client.tensor import FloatArray
 
 T = TypeVar("T")
@@ -23,15 +24,20 @@ T = TypeVar("T")
 DEFAULT_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # gRPC's own reconnect backoff starts at 1 s and grows to 2 min; a restarted server should be found again within
+    # the retry budget, so try again from 0.1 s and at least once a second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
 
 class Client:
     """A connection to an lstm-serve server.
 
-    `timeout` is the per-attempt deadline in seconds; UNAVAILABLE and DEADLINE_EXCEEDED are retried by `retry`, which
-    is safe for steps because every step carries its sequence number. `interceptors` (auth, tracing, ...) wrap every
-    call.
+    `timeout` is the deadline of each attempt, in seconds. Calls failing with UNAVAILABLE or DEADLINE_EXCEEDED, and
+    step streams that break, are retried under `retry` (by default for up to 10 s, enough to outlast a replica
+    restart or a failover); that is safe for steps because each is resent with its original seq and the server
+    never applies one twice. `interceptors` (auth, tracing, ...) wrap every call.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.retry = retry
+        self._on_retry: _retry.OnRetry | None = None  # told of every retry (the load generator counts them)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -65,33 +72,65 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., T], request: object, *, retry: bool = True) -> T:
-        pauses = self.retry.backoffs() if retry else iter(())
-        while True:
-            try:
-                return method(request, timeout=self.timeout)
-            except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
-                if pause is None:
-                    raise error_from_rpc(exc) from None
-                time.sleep(pause)
+    # The internal API of sessions and streams: they name the RPC and the session; the stub stays in here.
+
+    def _run(self, attempt: Callable[[], T], *, retry: bool = True) -> T:
+        """`attempt` under this client's retry policy; failures end as LstmError."""
+        schedule = self.retry.schedule() if retry else None
+        return _retry.run(attempt, schedule, on_retry=self._on_retry)
+
+    def _invoke(self, method: str, request: object, *, affinity: str | None = None, retry: bool = True) -> Any:
+        """A unary call by RPC name; `affinity` is the session it is about (sent as the x-session-id header)."""
+        rpc = getattr(self._stub, method)
+        metadata = _retry.affinity(affinity)
+        return self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
+
+    def _open_stream(self, requests: Iterator[lstm_pb2.StepRequest], *, affinity: str) -> Any:
+        """A new StreamSteps call fed from `requests`; its replies are iterated."""
+        return self._stub.StreamSteps(requests, metadata=_retry.affinity(affinity))
 
     def list_models(self) -> list[ModelInfo]:
         return self.list_models_with_failures()[0]
 
     def list_models_with_failures(self) -> tuple[list[ModelInfo], list[ModelFailure]]:
-        return _calls.model_list(self._call(self._stub.ListModels, lstm_pb2.ListModelsRequest()))
+        return _calls.model_list(self._invoke("ListModels", lstm_pb2.ListModelsRequest()))
 
     def get_model(self, name: str) -> ModelInfo:
-        return _calls.model_info(self._call(self._stub.GetModel, lstm_pb2.GetModelRequest(name=name)))
+        return _calls.model_info(self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name)))
 
     def create_session(
         self, model: str, *, ttl: float | timedelta | None = None, session_id: str | None = None
     ) -> Session:
-        """Not retried: a lost reply would leave a second session behind. `ttl=0` never expires by idleness."""
+        """A new session; `ttl=0` never expires by idleness.
+
+        With a `session_id` of your choosing the call is retried like any other: should a lost reply have created
+        it already, the retry's ALREADY_EXISTS is taken as success when the session there is untouched (seq 0) and of
+        this model. Without one it is tried once: the server picks the id, so a retry after a lost reply would leave
+        a second, orphaned session behind.
+        """
         request = _calls.create_session_request(model, ttl, session_id)
-        info = _calls.session_info(self._call(self._stub.CreateSession, request, retry=False))
-        return Session(self, info)
+        if session_id is None:
+            return Session(self, _calls.session_info(self._invoke("CreateSession", request, retry=False)))
+        metadata = _retry.affinity(session_id)
+        failed_before = False
+
+        def attempt() -> Any:
+            nonlocal failed_before
+            try:
+                return self._stub.CreateSession(request, timeout=self.timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                if not (failed_before and exc.code() == grpc.StatusCode.ALREADY_EXISTS):
+                    failed_before = True
+                    raise
+                taken = exc
+            found = self._stub.GetSession(
+                lstm_pb2.GetSessionRequest(session_id=session_id), timeout=self.timeout, metadata=metadata
+            )
+            if not _calls.is_fresh_session(found, model):
+                raise taken
+            return found
+
+        return Session(self, _calls.session_info(self._run(attempt)))
 
     def session(self, session_id: str) -> Session:
         """Attaches to an existing session (for example after a client restart), continuing from its seq."""
@@ -99,13 +138,13 @@ class Client:
 
     def session_info(self, session_id: str) -> SessionInfo:
         request = lstm_pb2.GetSessionRequest(session_id=session_id)
-        return _calls.session_info(self._call(self._stub.GetSession, request))
+        return _calls.session_info(self._invoke("GetSession", request, affinity=session_id))
 
     def predict(
         self, model: str, xs: npt.ArrayLike, *, h0: npt.ArrayLike | None = None, c0: npt.ArrayLike | None = None
     ) -> Prediction:
         """Stateless: runs the whole sequence `xs` [T, input_size] from (h0, c0), zeros by default."""
-        return _calls.prediction(self._call(self._stub.Predict, _calls.predict_request(model, xs, h0, c0)))
+        return _calls.prediction(self._invoke("Predict", _calls.predict_request(model, xs, h0, c0)))
 
 
 class Session:
@@ -129,7 +168,7 @@ class Session:
     def step(self, x: npt.ArrayLike) -> FloatArray:
         """x of shape (input_size,) gives (output_size,); (T, input_size) gives (T, output_size)."""
         request = _calls.step_request(self.id, self.seq + 1, x)
-        outputs = _calls.step_outputs(self._client._call(self._client._stub.Step, request))
+        outputs = _calls.step_outputs(self._client._invoke("Step", request, affinity=self.id))
         self.seq += 1
         return outputs
 
@@ -138,11 +177,10 @@ class Session:
 
         A broken stream is reopened and the unanswered step resent with its seq, so nothing is applied twice.
         """
-        stream = _StepStream(self._client)
+        stream = _StepStream(self._client, self.id)
         try:
             for x in xs:
-                request = _calls.step_request(self.id, self.seq + 1, x)
-                outputs = _calls.step_outputs(stream.exchange(request))
+                outputs = stream.exchange(_calls.step_request(self.id, self.seq + 1, x))
                 self.seq += 1
                 yield outputs
         finally:
@@ -154,7 +192,7 @@ class Session:
     def reset(self) -> SessionInfo:
         """Zeroes the state (h, c of every layer); seq goes on counting."""
         request = lstm_pb2.ResetSessionRequest(session_id=self.id)
-        info = _calls.session_info(self._client._call(self._client._stub.ResetSession, request))
+        info = _calls.session_info(self._client._invoke("ResetSession", request, affinity=self.id))
         self.seq = info.seq
         return info
 
@@ -167,7 +205,7 @@ class Session:
         """Ends the session; closing one that is already closed is not an error."""
         request = lstm_pb2.CloseSessionRequest(session_id=self.id)
         try:
-            self._client._call(self._client._stub.CloseSession, request)
+            self._client._invoke("CloseSession", request, affinity=self.id)
         except SessionGone as err:
             if err.reason != "closed":
                 raise
@@ -177,42 +215,74 @@ _END = object()
 
 
 class _StepStream:
-    """A StreamSteps call driven one request at a time, reopened when the transport fails."""
+    """One session's StreamSteps call, driven one request at a time.
 
-    def __init__(self, client: Client) -> None:
+    Every request stays in `_unacked` until its reply arrives. When the call breaks (a retryable status, an early
+    end, or an in-band UNAVAILABLE), it is dropped, and the next attempt opens a new one and resends every unanswered
+    request with its original seq: the server answers an already applied one from its stored reply.
+    """
+
+    def __init__(self, client: Client, session_id: str) -> None:
         self._client = client
-        self._open()
+        self._session_id = session_id
+        self._unacked: dict[int, lstm_pb2.StepRequest] = {}  # by seq, in sending order
+        self._unsent: list[lstm_pb2.StepRequest] = []  # accepted, not yet written on the current call
+        self._requests: queue.SimpleQueue[object] | None = None
+        self._responses: Any = None  # the call; iterating it gives the replies
 
     def _open(self) -> None:
-        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
-        requests = self._requests
+        requests: queue.SimpleQueue[object] = queue.SimpleQueue()
 
         def feed() -> Iterator[lstm_pb2.StepRequest]:
             while (item := requests.get()) is not _END:
                 yield item  # type: ignore[misc]
 
-        self._responses: Iterator[lstm_pb2.StepReply] = self._client._stub.StreamSteps(feed())
+        self._requests = requests
+        self._responses = self._client._open_stream(feed(), affinity=self._session_id)
+        self._unsent = list(self._unacked.values())
 
-    def exchange(self, request: lstm_pb2.StepRequest) -> lstm_pb2.StepReply:
-        pauses = self._client.retry.backoffs()
-        while True:
-            self._requests.put(request)
-            try:
-                return next(self._responses)
-            except StopIteration:
-                raise ServerError("the server ended the step stream early") from None
-            except grpc.RpcError as exc:
-                pause = next(pauses, None) if exc.code() in _calls.RETRYABLE_CODES else None
-                if pause is None:
-                    raise error_from_rpc(exc) from None
-                time.sleep(pause)
-                self._requests.put(_END)  # ends the old call's request feeder thread
-                self._open()
+    def _drop(self) -> None:
+        if self._requests is not None:
+            self._requests.put(_END)  # ends the call's request feeder thread
+        if self._responses is not None:
+            self._responses.cancel()
+        self._requests = self._responses = None
+
+    def exchange(self, request: lstm_pb2.StepRequest) -> FloatArray:
+        """Sends `request` and returns its outputs; an in-band error is raised as the matching LstmError."""
+        self._unacked[request.seq] = request
+        self._unsent.append(request)
+        return self._client._run(self._attempt)
+
+    def _attempt(self) -> FloatArray:
+        if self._responses is None:
+            self._open()
+        assert self._requests is not None
+        while self._unsent:
+            self._requests.put(self._unsent.pop(0))
+        try:
+            reply: lstm_pb2.StepReply = next(self._responses)
+        except StopIteration:
+            self._drop()
+            raise StreamBroken("the server ended the step stream early") from None
+        except grpc.RpcError:
+            self._drop()
+            raise
+        if reply.HasField("error"):
+            err = error_from_detail(reply.error)
+            if _retry.retryable(err):  # not applied (or applied and stored): resend on a new call
+                self._drop()
+                raise err
+        self._unacked.pop(reply.seq, None)
+        return _calls.step_outputs(reply)
 
     def close(self) -> None:
+        if self._requests is None:
+            return
         self._requests.put(_END)
         try:
             for _ in self._responses:  # drain so the call ends with OK rather than CANCELLED
                 pass
         except grpc.RpcError:
             pass
+        self._requests = self._responses = None

@@ -3,7 +3,7 @@
 LstmError
 ├── InvalidArgument        bad input; nothing changed on the server
 ├── NotFound               unknown model or session
-│   └── SessionGone        the session existed and ended: closed, expired or evicted (see .reason)
+│   └── SessionGone        the session existed and ended: closed, expired, evicted, model_changed (.reason)
 ├── AlreadyExists          a client-chosen session id is taken
 ├── SequenceError          the step's seq is not the one the server expects (see .expected_seq)
 ├── ResourceExhausted      a server limit (message size, steps per request, concurrent calls)
@@ -86,7 +86,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
-_GONE_REASONS = frozenset({"closed", "expired", "evicted"})
+_GONE_REASONS = frozenset({"closed", "expired", "evicted", "model_changed"})
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 

@@ -79,6 +79,7 @@ def test_loadtest_command_line(load_server: RunningServer) -> None:
     report = json.loads(result.stdout)
     assert report["result"]["steps"] == 80
     assert report["result"]["errors"] == {}
+    assert report["result"]["retries"] == 0
     assert report["result"]["verified_sessions"] == 8
     assert report["result"]["latency_ms"]["p50"] > 0
 
@@ -86,10 +87,12 @@ def test_loadtest_command_line(load_server: RunningServer) -> None:
     assert table.returncode == 0, table.stderr
     assert "steps" in table.stdout
     assert "errors        none" in table.stdout
+    assert "retries" in table.stdout
 
 
 def test_loadtest_reports_an_unreachable_target() -> None:
     argv = [sys.executable, "-m", "lstm_client.loadtest.cli", "127.0.0.1:1", "--model", MODEL, "--timeout", "2"]
+    argv += ["--retry-budget", "0.5"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "Unavailable" in result.stderr

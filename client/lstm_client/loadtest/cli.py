@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from lstm_client import __version__
+from lstm_client import RetryPolicy, __version__
 from lstm_client.errors import LstmError
 from lstm_client.loadtest.runner import LoadConfig, run_load
 
@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=0, help="sessions running at once (default: all)")
     p.add_argument("--duration", type=float, default=60.0, help="stop sending after this many seconds (default 60)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each unary call, seconds")
+    p.add_argument(
+        "--retry-budget",
+        type=float,
+        default=RetryPolicy().budget,
+        metavar="SECONDS",
+        help="how long a failed call (UNAVAILABLE, deadline, broken stream) is retried; 0: never "
+        f"(default {RetryPolicy().budget:g})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--verify", action="store_true", help="check every session's outputs against Predict afterwards")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
@@ -41,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"lstm-loadtest: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.retry_budget < 0:
+        print("lstm-loadtest: --retry-budget must be >= 0", file=sys.stderr)
+        return 2
     config = LoadConfig(
         target=args.target,
         model=args.model,
@@ -52,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency=args.concurrency,
         duration=args.duration,
         timeout=args.timeout,
+        retry_budget=args.retry_budget,
         seed=args.seed,
         record=args.verify,
         progress=0.0 if args.quiet or args.json else 1.0,

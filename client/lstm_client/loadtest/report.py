@@ -29,7 +29,8 @@ class LoadResult:
     steps: int = 0
     messages: int = 0
     latencies: list[float] = field(default_factory=list)  # seconds, one per answered message
-    errors: Counter[str] = field(default_factory=Counter)  # by gRPC status code name
+    errors: Counter[str] = field(default_factory=Counter)  # by gRPC status code name, after the retries
+    retries: int = 0  # calls resent and streams reopened (each after a failure the retry policy let pass)
     sessions: list[SessionRecord] = field(default_factory=list)
     verified: int = 0
     mismatched: int = 0
@@ -38,6 +39,9 @@ class LoadResult:
         self.steps += steps
         self.messages += 1
         self.latencies.append(latency)
+
+    def retried(self, _exc: BaseException) -> None:
+        self.retries += 1
 
     def summary(self) -> dict[str, object]:
         lat = np.array(self.latencies) * 1e3 if self.latencies else np.zeros(1)
@@ -55,6 +59,7 @@ class LoadResult:
                 "max": round(float(lat.max()), 3),
             },
             "errors": dict(self.errors),
+            "retries": self.retries,
             "verified_sessions": self.verified,
             "mismatched_sessions": self.mismatched,
         }
@@ -75,6 +80,7 @@ class LoadResult:
             f"  latency (ms)  p50 {lat['p50']:.2f}   p90 {lat['p90']:.2f}   "
             f"p99 {lat['p99']:.2f}   max {lat['max']:.2f}",
             f"  errors        {errors}",
+            f"  retries       {self.retries:>10,}",
         ]
         if self.verified or self.mismatched:
             rows.append(f"  verified      {self.verified} sessions match Predict, {self.mismatched} do not")

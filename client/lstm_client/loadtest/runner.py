@@ -1,10 +1,16 @@
-"""The load itself: sessions created up front, then driven over unary Step calls or StreamSteps streams."""
+"""The load itself: sessions created up front, then driven over unary Step calls or StreamSteps streams.
+
+Every call goes through the client's retry policy (`--retry-budget`): a step whose reply was lost to a failover is
+resent with its original seq, a broken stream is reopened and its unanswered requests resent, so a run through a load
+balancer survives a replica being killed with no errors; the retries are counted in the result.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import math
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -14,10 +20,11 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from lstm_client import _calls
+from lstm_client import _calls, _retry
 from lstm_client._proto.lstm.v1 import lstm_pb2
+from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.aio import AsyncClient
-from lstm_client.errors import LstmError
+from lstm_client.errors import LstmError, error_from_detail
 from lstm_client.loadtest.report import LoadResult, SessionRecord
 from lstm_client.tensor import FloatArray, from_tensor
 
@@ -34,6 +41,7 @@ class LoadConfig:
     concurrency: int = 0  # sessions running at once; 0 = all
     duration: float = 60.0  # seconds; no new message is sent after this
     timeout: float = 10.0  # per unary call
+    retry_budget: float = RetryPolicy().budget  # seconds a failing call is retried for; 0 = no retries
     seed: int = 0
     record: bool = False  # keep every input and output (for verification)
     progress: float = 0.0  # seconds between progress lines on stderr; 0 = none
@@ -73,16 +81,17 @@ class _Run:
 
 async def run_load(config: LoadConfig) -> LoadResult:
     result = LoadResult()
-    async with AsyncClient(config.target, timeout=config.timeout) as client:
+    retry = RetryPolicy(budget=config.retry_budget)
+    async with AsyncClient(config.target, timeout=config.timeout, retry=retry) as client:
+        client._on_retry = result.retried
         info = await client.get_model(config.model)
         runs = await _create_sessions(client, config, info.input_size)
         result.sessions = [r.record for r in runs if r.record is not None]
-        stub: Any = client._stub
         progress = asyncio.create_task(_progress(result, config.progress)) if config.progress > 0 else None
         result.started = time.perf_counter()
         deadline = result.started + config.duration
         try:
-            await _drive(stub, runs, config, result, deadline)
+            await _drive(client, runs, config, result, deadline)
         finally:
             result.elapsed = time.perf_counter() - result.started
             if progress is not None:
@@ -94,31 +103,35 @@ async def run_load(config: LoadConfig) -> LoadResult:
 
 
 async def _create_sessions(client: AsyncClient, config: LoadConfig, input_size: int) -> list[_Run]:
+    """The load generator picks the session ids itself, so that CreateSession can be retried after a lost reply."""
     rng = np.random.default_rng(config.seed)
     per_message = config.steps_per_message
     n_messages = math.ceil(config.steps / per_message)
+    shape = (input_size,) if per_message == 1 else (per_message, input_size)
+    pools = [[rng.standard_normal(shape, dtype=np.float32) for _ in range(INPUT_POOL)] for _ in range(config.sessions)]
     gate = asyncio.Semaphore(64)
     ttl = max(600.0, 2 * config.duration)
+    run_id = secrets.token_hex(4)
 
     async def create(i: int) -> _Run:
         async with gate:
-            session = await client.create_session(config.model, ttl=ttl)
-        shape = (input_size,) if per_message == 1 else (per_message, input_size)
-        pool = [rng.standard_normal(shape, dtype=np.float32) for _ in range(INPUT_POOL)]
+            session = await client.create_session(config.model, ttl=ttl, session_id=f"lt-{config.seed}-{i}-{run_id}")
         record = SessionRecord(session.id) if config.record else None
-        return _Run(session.id, n_messages, pool, record)
+        return _Run(session.id, n_messages, pools[i], record)
 
     return list(await asyncio.gather(*(create(i) for i in range(config.sessions))))
 
 
-async def _drive(stub: Any, runs: list[_Run], config: LoadConfig, result: LoadResult, deadline: float) -> None:
+async def _drive(
+    client: AsyncClient, runs: list[_Run], config: LoadConfig, result: LoadResult, deadline: float
+) -> None:
     concurrency = config.concurrency or len(runs)
     if config.mode == "unary":
         gate = asyncio.Semaphore(concurrency)
 
         async def unary(run: _Run) -> None:
             async with gate:
-                await _unary_session(stub, run, config, result, deadline)
+                await _unary_session(client, run, config, result, deadline)
 
         await asyncio.gather(*(unary(r) for r in runs))
         return
@@ -128,7 +141,7 @@ async def _drive(stub: Any, runs: list[_Run], config: LoadConfig, result: LoadRe
 
     async def stream(members: list[_Run]) -> None:
         async with gate:
-            await _stream(stub, members, config, result, deadline)
+            await _stream(client, members, config, result, deadline)
 
     await asyncio.gather(*(stream(g) for g in groups))
 
@@ -139,54 +152,77 @@ def _fail(run: _Run, result: LoadResult, code: str) -> None:
         run.record.failed = True
 
 
-async def _unary_session(stub: Any, run: _Run, config: LoadConfig, result: LoadResult, deadline: float) -> None:
+async def _unary_session(
+    client: AsyncClient, run: _Run, config: LoadConfig, result: LoadResult, deadline: float
+) -> None:
     per_message = config.steps_per_message
     while not run.done() and time.perf_counter() < deadline:
         start = time.perf_counter()
         try:
-            reply = await stub.Step(run.pending(), timeout=config.timeout)
-        except grpc.RpcError as exc:
-            _fail(run, result, exc.code().name)
+            reply = await client._invoke("Step", run.pending(), affinity=run.session_id)
+        except LstmError as exc:
+            _fail(run, result, exc.code.name)
             return
         result.ok(per_message, time.perf_counter() - start)
         run.answered(from_tensor(reply.outputs) if run.record is not None else None)
 
 
-async def _stream(stub: Any, runs: list[_Run], config: LoadConfig, result: LoadResult, deadline: float) -> None:
-    """One stream, its sessions interleaved: each has one request in flight, the next sent when its reply arrives."""
-    call = stub.StreamSteps()
-    by_id = {r.session_id: r for r in runs}
-    outstanding: set[str] = set()
+async def _stream(
+    client: AsyncClient, runs: list[_Run], config: LoadConfig, result: LoadResult, deadline: float
+) -> None:
+    """One stream, its sessions interleaved: each has one request in flight, the next sent when its reply arrives.
 
-    async def send(run: _Run) -> None:
-        run.sent_at = time.perf_counter()
-        outstanding.add(run.session_id)
-        await call.write(run.pending())
+    When the stream breaks (or a reply says UNAVAILABLE), a new one is opened after the policy's pause and every
+    unanswered request is resent with its original seq. The retry budget starts again with every reply: it bounds one
+    outage, not the whole run. A request's latency counts from its first sending, its retries included.
+    """
+    by_id = {r.session_id: r for r in runs}
+    outstanding = dict(by_id)  # session id -> its run, whose pending() request is unanswered
+    schedule = client.retry.schedule()
+
+    async def send(call: Any, run: _Run) -> None:
+        if not run.sent_at:
+            run.sent_at = time.perf_counter()
+        await _retry.write(call, run.pending())
+
+    async def attempt() -> None:
+        call = client._open_stream(affinity=runs[0].session_id)
+        try:
+            for run in list(outstanding.values()):
+                await send(call, run)
+            while outstanding:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    raise StreamBroken("the server ended the step stream early")
+                run = by_id[reply.session_id]
+                if outstanding.get(run.session_id) is None or reply.seq != run.next + 1:
+                    continue  # not a reply this stream is waiting for
+                if reply.HasField("error"):
+                    err = error_from_detail(reply.error)
+                    if _retry.retryable(err):
+                        raise err  # resent, with the other unanswered ones, on a new stream
+                    del outstanding[run.session_id]
+                    _fail(run, result, err.code.name)
+                    continue
+                del outstanding[run.session_id]
+                schedule.reset()
+                now = time.perf_counter()
+                result.ok(config.steps_per_message, now - run.sent_at)
+                run.sent_at = 0.0
+                run.answered(from_tensor(reply.outputs) if run.record is not None else None)
+                if not run.done() and now < deadline:
+                    outstanding[run.session_id] = run
+                    await send(call, run)
+            await call.done_writing()
+        except BaseException:
+            call.cancel()
+            raise
 
     try:
-        for run in runs:
-            await send(run)
-        while outstanding:
-            reply = await call.read()
-            if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
-                break
-            run = by_id[reply.session_id]
-            outstanding.discard(run.session_id)
-            if reply.HasField("error"):
-                _fail(run, result, grpc.StatusCode(_code(reply.error.code)).name)
-                continue
-            result.ok(config.steps_per_message, time.perf_counter() - run.sent_at)
-            run.answered(from_tensor(reply.outputs) if run.record is not None else None)
-            if not run.done() and time.perf_counter() < deadline:
-                await send(run)
-        await call.done_writing()
-    except grpc.RpcError as exc:
-        for sid in outstanding:
-            _fail(by_id[sid], result, exc.code().name)
-
-
-def _code(number: int) -> Any:
-    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN).value
+        await _retry.run_async(attempt, schedule, on_retry=client._on_retry)
+    except LstmError as exc:
+        for run in outstanding.values():
+            _fail(run, result, exc.code.name)
 
 
 async def _close_sessions(client: AsyncClient, runs: list[_Run]) -> None:
@@ -194,8 +230,9 @@ async def _close_sessions(client: AsyncClient, runs: list[_Run]) -> None:
 
     async def close(run: _Run) -> None:
         async with gate:
-            with contextlib.suppress(grpc.RpcError):  # best effort: the session expires by its TTL anyway
-                await client._stub.CloseSession(lstm_pb2.CloseSessionRequest(session_id=run.session_id), timeout=5)
+            request = lstm_pb2.CloseSessionRequest(session_id=run.session_id)
+            with contextlib.suppress(LstmError):  # best effort: the session expires by its TTL anyway
+                await client._invoke("CloseSession", request, affinity=run.session_id)
 
     await asyncio.gather(*(close(r) for r in runs))
 
@@ -226,7 +263,8 @@ async def _progress(result: LoadResult, every: float) -> None:
         rate = (result.steps - last_steps) / (now - last_time)
         errors = sum(result.errors.values())
         print(
-            f"[{now - result.started:6.1f}s] {result.steps:>10,} steps  {rate:>9,.0f} steps/s  {errors} errors",
+            f"[{now - result.started:6.1f}s] {result.steps:>10,} steps  {rate:>9,.0f} steps/s  {errors} errors  "
+            f"{result.retries} retries",
             file=sys.stderr,
             flush=True,
         )

@@ -42,7 +42,8 @@ def not_found(session_id: str, ended: Ended | None) -> SessionNotFound:
     if ended is None:
         return SessionNotFound(f"unknown session {session_id!r}")
     when = datetime.fromtimestamp(ended.at, UTC).isoformat(timespec="seconds")
-    return SessionNotFound(f"session {session_id!r} was {ended.reason} {ended.detail} at {when}", ended.reason)
+    verb = "ended" if ended.reason is EndReason.MODEL_CHANGED else ended.reason.value
+    return SessionNotFound(f"session {session_id!r} was {verb} {ended.detail} at {when}", ended.reason)
 
 
 class MemorySessionStore:

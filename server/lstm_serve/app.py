@@ -61,6 +61,7 @@ class App:
         self._watcher: asyncio.Task[None] | None = None
         self._store: SessionStore | None = None
         self._ready: bool | None = None
+        self._store_reachable = True
 
     @property
     def plane(self) -> DataPlane:
@@ -150,6 +151,7 @@ class App:
             prefix=s.store_prefix,
             timeout=s.store_timeout,
             on_end=on_end,
+            on_call=self.metrics.store_call,
         )
 
     def _restore(self, store: MemorySessionStore, repository: Repository) -> None:
@@ -188,13 +190,16 @@ class App:
         """Readiness follows the store: a replica that cannot reach Redis takes no new traffic, but stays alive."""
         try:
             await self.plane.store.ping()
-            ready = bool(self.plane.repository.models)
+            reachable = True
         except StoreUnavailable as exc:
-            ready = False
-            if self._ready is not False:
+            reachable = False
+            if self._store_reachable:
                 log.warning("session store unreachable, readiness NOT_SERVING: %s", exc.message)
-        if ready and self._ready is False:
-            log.info("session store reachable again, readiness SERVING")
+        if reachable and not self._store_reachable:
+            log.info("session store reachable again")
+        self._store_reachable = reachable
+        self.metrics.store_up.set(1 if reachable else 0)
+        ready = reachable and bool(self.plane.repository.models)
         if ready != self._ready:
             self._ready = ready
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -216,6 +216,7 @@ class DataPlane:
                     return StepOutcome(session.id, seq, outputs)
                 if isinstance(result, SessionNotFound):  # ended (closed, evicted, expired) while computing
                     raise result
+                self.metrics.child(self.metrics.commit_conflicts, info.name).inc()
                 session, fresh = result.current, True
             raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
         finally:

@@ -70,6 +70,38 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.store_seconds = Histogram(
+            "lstm_store_seconds",
+            "Round trips to a shared session store (Redis), by operation: commit and load carry whole batches.",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "lstm_store_errors",
+            "Session store calls that failed (store unreachable, timed out, out of memory), by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.store_batch = Histogram(
+            "lstm_store_batch_size",
+            "Sessions per commit or load sent to a shared store in one round trip.",
+            ["op"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.commit_conflicts = Counter(
+            "lstm_commit_conflicts",
+            "Steps whose commit found the session changed elsewhere (another replica, a reset) and were decided again.",
+            ["model"],
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "lstm_store_up",
+            "1 while the session store answers (readiness follows it), 0 while it does not.",
+            registry=r,
+            multiprocess_mode="min",
+        )
         self.batch_size = Histogram(
             "lstm_batch_size",
             "Sessions per batched backend call, by model.",
@@ -102,6 +134,14 @@ class Metrics:
 
     def stream_request(self, code: str) -> None:
         self.child(self.stream_requests, code).inc()
+
+    def store_call(self, op: str, seconds: float, items: int, ok: bool) -> None:
+        """One round trip to a shared store (the Redis store reports each of its calls here)."""
+        self.child(self.store_seconds, op).observe(seconds)
+        if items > 1 or op in ("commit", "load"):
+            self.child(self.store_batch, op).observe(items)
+        if not ok:
+            self.child(self.store_errors, op).inc()
 
     def session_ended(self, model: str, reason: str) -> None:
         """Counted by the one process that ended the session (with Redis: whose script did)."""

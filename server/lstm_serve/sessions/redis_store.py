@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from lstm_serve.sessions.store import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CallHook = Callable[[str, float, int, bool], None]  # (operation, seconds, sessions in it, succeeded)
 SWEEP_LIMIT = 1000  # expired sessions settled per script call: bounds how long one call holds Redis
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError, rexc.TryAgainError)
 
@@ -64,8 +66,10 @@ class RedisSessionStore:
         timeout: float = 2.0,
         cache_size: int = 100_000,
         on_end: EndHook | None = None,
+        on_call: CallHook | None = None,
     ) -> None:
         self.url = url
+        self._on_call = on_call
         self.max_sessions = max_sessions
         self.default_ttl = default_ttl
         self.policy = policy
@@ -93,18 +97,26 @@ class RedisSessionStore:
     def __repr__(self) -> str:
         return f"RedisSessionStore({self.url!r}, prefix={self.prefix!r})"
 
-    async def _run(self, name: str, *args: Any) -> Any:
-        return await self._guard(self._scripts[name](args=(self.prefix, self._ended_ms, *args)))
+    async def _run(self, name: str, *args: Any, items: int = 1) -> Any:
+        call = self._scripts[name](args=(self.prefix, self._ended_ms, *args))
+        return await self._guard(name.lower(), call, items)
 
-    async def _guard(self, call: Awaitable[T]) -> T:
+    async def _guard(self, op: str, call: Awaitable[T], items: int = 1) -> T:
+        start = time.perf_counter()
+        ok = False
         try:
-            return await call
+            result = await call
+            ok = True
+            return result
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"session store unavailable ({type(exc).__name__}); retry shortly") from exc
         except rexc.ResponseError as exc:
             if str(exc).startswith(("OOM", "LOADING", "MASTERDOWN", "NOREPLICAS")):
                 raise StoreUnavailable(f"session store refused the write: {str(exc).split(chr(10))[0]}") from exc
             raise
+        finally:
+            if self._on_call is not None:
+                self._on_call(op, time.perf_counter() - start, items, ok)
 
     def _events(self, events: Sequence[bytes]) -> None:
         if self._on_end is None:
@@ -171,7 +183,7 @@ class RedisSessionStore:
                 validate_session_id(session_id)
                 missing.append(session_id)
         if missing:
-            replies, events = await self._run("LOAD", *missing)
+            replies, events = await self._run("LOAD", *missing, items=len(missing))
             self._events(events)
             for session_id, reply in zip(missing, replies, strict=True):
                 found = self._decode(session_id, reply)
@@ -188,7 +200,7 @@ class RedisSessionStore:
         for write, after in zip(writes, afters, strict=True):
             args += (after.id, write.base.rev, after.rev, after.seq, after.steps, after.record)
         try:
-            replies, events = await self._run("COMMIT", *args)
+            replies, events = await self._run("COMMIT", *args, items=len(writes))
         except BaseException:
             for write in writes:  # the write may or may not have landed: read it again next time
                 self._cache.pop(write.base.id, None)
@@ -234,11 +246,11 @@ class RedisSessionStore:
         return ended
 
     async def counts(self) -> dict[str, int]:
-        raw = await self._guard(self._redis.hgetall(self.prefix + "count"))
+        raw = await self._guard("counts", self._redis.hgetall(self.prefix + "count"))
         return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
 
     async def ping(self) -> None:
-        await self._guard(self._redis.ping())
+        await self._guard("ping", self._redis.ping())
 
     async def aclose(self) -> None:
         await self._redis.aclose()

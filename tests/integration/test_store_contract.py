@@ -148,6 +148,14 @@ async def test_end_reasons_closed_and_unknown(make_store: Made) -> None:
     assert (await store.create("m", ZERO, "x", None)).seq == 0  # a closed id may be used again
 
 
+async def test_a_burst_of_creates_waits_for_connections_instead_of_failing(make_store: Made) -> None:
+    make, _ = make_store
+    store = make(max_sessions=1000)
+    created = await asyncio.gather(*(store.create("m", ZERO, None, None) for _ in range(300)))
+    assert len({s.id for s in created}) == 300
+    assert await store.counts() == {"m": 300}
+
+
 async def test_ids_are_unique_among_live_sessions(make_store: Made) -> None:
     make, _ = make_store
     store = make()

@@ -65,6 +65,7 @@ class RedisSessionStore:
         prefix: str = "lstm:",
         timeout: float = 2.0,
         cache_size: int = 100_000,
+        max_connections: int = 32,
         on_end: EndHook | None = None,
         on_call: CallHook | None = None,
     ) -> None:
@@ -80,14 +81,21 @@ class RedisSessionStore:
         self._cache_size = cache_size
         # Short timeouts: a step waiting on a dead Redis is better answered UNAVAILABLE (the client retries) than held.
         # One quick retry on a broken connection covers a pooled connection that a Redis restart closed.
-        self._redis = aioredis.Redis.from_url(
+        # A bounded pool that makes callers wait for a free connection (a burst of creates must queue, not fail with
+        # "too many connections"); short timeouts: a call waiting on a dead Redis is better answered UNAVAILABLE (the
+        # client retries) than held. One quick retry on a broken connection covers a pooled connection that a Redis
+        # restart closed.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
             retry_on_error=[rexc.ConnectionError],
             health_check_interval=30,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         scripts = {
             name: self._redis.register_script(getattr(redis_scripts, name))
             for name in ("CREATE", "LOAD", "COMMIT", "RESET", "FINISH", "SWEEP")
@@ -254,6 +262,7 @@ class RedisSessionStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
     def _live_or_raise(self, session_id: str, reply: Sequence[Any]) -> Session:
         found_reply, events = reply

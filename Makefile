@@ -9,7 +9,7 @@ PROTO_OUT := client/lstm_client/_proto
 .PHONY: help venv run test lint proto proto-check bench clean
 
 help:
-	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464)"
+	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464); sessions kept across restarts"
 	@echo "make test    run the whole test suite"
 	@echo "make lint    ruff + mypy + generated-code check"
 	@echo "make proto   regenerate the protobuf/gRPC code from proto/"
@@ -24,8 +24,12 @@ $(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
 
 venv: $(STAMP)
 
+# Sessions are written to $(SNAPSHOT) when the server stops (Ctrl-C) and read back at the next `make run`.
+SNAPSHOT ?= .run/sessions.snap
+
 run: $(STAMP)
-	$(BIN)/lstm-serve serve --model-dir models
+	@mkdir -p $(dir $(SNAPSHOT))
+	$(BIN)/lstm-serve serve --model-dir models --snapshot $(SNAPSHOT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -133,7 +133,10 @@ def retryable(exc: BaseException) -> bool:
 
 def affinity(session_id: str | None) -> tuple[tuple[str, str], ...] | None:
     """The metadata of a call about `session_id` (None: a call about no session)."""
-    return ((AFFINITY_KEY, session_id),) if session_id else None
+    # an id that is no valid header value (a newline, say) is not one the server accepts either: let it say so
+    if session_id and session_id.isascii() and session_id.isprintable():
+        return ((AFFINITY_KEY, session_id),)
+    return None
 
 
 async def write(call: Any, request: object) -> None:

@@ -38,5 +38,8 @@ def from_tensor(tensor: lstm_pb2.Tensor) -> FloatArray:
         raise TensorDecodeError(
             f"tensor of shape {list(shape)} needs {expected} bytes of float32, got {len(tensor.data)}"
         )
-    arr = np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(shape)
+    try:
+        arr = np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(shape)
+    except ValueError:  # e.g. [0, 2**32-1, 2**32-1]: no bytes, yet a shape numpy cannot represent
+        raise TensorDecodeError(f"tensor of shape {list(shape)} is not representable") from None
     return arr.astype(np.float32, copy=False)

@@ -23,13 +23,13 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from threadpoolctl import threadpool_limits
 
-from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
+from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_serve.config import Settings
 from lstm_serve.dataplane import DataPlane, Limits
 from lstm_serve.engine.repository import Repository
 from lstm_serve.errors import StoreUnavailable
 from lstm_serve.metrics import Metrics
-from lstm_serve.service import LstmServicer
+from lstm_serve.service import CallLimits, Calls, LstmServicer
 from lstm_serve.sessions import CapacityPolicy, EndReason, MemorySessionStore, SessionStore
 from lstm_serve.sessions import snapshot as snapshots
 from lstm_serve.sessions.memory import Ended
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = lstm_pb2.DESCRIPTOR.services_by_name["LstmService"].full_name
 STORE_CHECK_INTERVAL = 1.0  # seconds between readiness probes of a shared store
+DRAIN_LINGER = 0.25  # seconds the port stays open after the drain, answering UNAVAILABLE
 
 
 class StartupError(Exception):
@@ -59,6 +60,7 @@ class App:
         self._executor: ThreadPoolExecutor | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._calls: Calls | None = None
         self._store: SessionStore | None = None
         self._ready: bool | None = None
         self._store_reachable = True
@@ -83,6 +85,7 @@ class App:
             max_batch=s.max_batch,
             max_batch_wait=s.max_batch_wait,
             inline_max_parameters=s.inline_max_parameters,
+            inline_max_steps=s.inline_max_steps,
         )
         self._plane = DataPlane(repository, store, self.metrics, limits, self._executor)
 
@@ -93,10 +96,11 @@ class App:
                 # grpcio shares ports by default; only workers over a shared store may (else sessions go missing)
                 ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
             ],
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
         self._server = server  # stopped by stop() even if it never starts
-        lstm_pb2_grpc.add_LstmServiceServicer_to_server(LstmServicer(self._plane), server)  # type: ignore[no-untyped-call]
+        call_limits = CallLimits(s.max_concurrent_rpcs, s.max_calls_per_peer, s.stream_idle_timeout)
+        self._calls = Calls(self.metrics, call_limits)  # the gate of lstm.v1 calls; health is outside it
+        LstmServicer(self._plane, self._calls).register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -139,6 +143,7 @@ class App:
                 max_sessions=s.max_sessions,
                 default_ttl=s.session_ttl,
                 policy=policy,
+                max_bytes=s.max_session_bytes,
                 ended_ttl=s.ended_session_memory,
                 on_end=on_end,
             )
@@ -213,6 +218,8 @@ class App:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
+            if self._calls is not None and (idle := self._calls.end_idle_streams()):
+                log.info("ended %d stream(s) idle for over %g s", idle, self.settings.stream_idle_timeout)
             try:
                 expired = await self.plane.sweep()
             except StoreUnavailable:
@@ -222,9 +229,17 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.shutdown_grace if grace is None else grace
-        await self._health.enter_graceful_shutdown()
+        await self._health.enter_graceful_shutdown()  # NOT_SERVING first: balancers stop sending here
+        # new calls UNAVAILABLE, streams told to reconnect, calls in progress answered
+        if self._calls is not None:
+            started = time.monotonic()
+            if not await self._calls.drain(grace):
+                log.warning("calls still in progress after %.1f s; they are cancelled", grace)
+            # a moment more of answering UNAVAILABLE, for calls already on their way: closing the port on them
+            # would cancel them (CANCELLED, which clients do not retry) instead
+            await asyncio.sleep(max(0.0, min(DRAIN_LINGER, grace - (time.monotonic() - started))))
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(0.5)
         for task in (self._sweeper, self._watcher):
             if task is not None:
                 task.cancel()

@@ -11,6 +11,9 @@ Two ways to run, chosen by whether an executor is given:
 - threaded (an executor; for big models, whose compute should not stall the loop): a worker task takes whatever is
   queued when it wakes and computes it in the executor; requests arriving meanwhile form the next batch.
   `max_wait` adds a pause only when the queue already held more than one request, i.e. when busy anyway.
+- both (an executor and `inline_max_steps`): a small model computes short requests inline, and requests of more time
+  steps than that in the executor, so that a 4096-step request cannot hold the loop (and every other client's step,
+  and the health check) for its whole computation.
 
 Ordering: the data plane keeps each session's steps in sequence (one in flight per session), so a batch holds at most
 one live step per session; a step whose caller went away is computed and its result dropped. BLAS and ORT release
@@ -51,12 +54,14 @@ class Batcher:
         max_batch: int = 64,
         max_wait: float = 0.0,
         executor: Executor | None = None,
+        inline_max_steps: int | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
         self.max_batch = max_batch
         self.max_wait = max_wait
         self._executor = executor
+        self._inline_max_steps = inline_max_steps
         self._on_batch = on_batch
         self._last_batch_end = float("-inf")
         self._forming: list[_Pending] | None = None  # inline: the batch its leader is gathering
@@ -67,7 +72,7 @@ class Batcher:
 
     async def submit(self, x: F32, state: F32) -> StepResult:
         """x (T, I) already validated; state (2, L, H) is read, never written."""
-        if self._executor is None:
+        if self._executor is None or (self._inline_max_steps is not None and len(x) <= self._inline_max_steps):
             return await self._submit_inline(x, state)
         return await self._submit_threaded(x, state)
 

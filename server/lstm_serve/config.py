@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     max_sessions: int = Field(
         100_000, ge=1, description="Live sessions at most (store-wide with Redis); see --max-sessions-policy."
     )
+    max_session_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Memory store: bytes the sessions' records (state and last reply) may take together; past it, "
+        "the --max-sessions-policy applies. (With Redis, set Redis's maxmemory.)",
+    )
     max_sessions_policy: Literal["evict", "refuse"] = Field(
         "evict",
         description="At --max-sessions: 'evict' ends the least recently used session, 'refuse' answers "
@@ -63,7 +69,18 @@ class Settings(BaseSettings):
     )
     max_steps_per_request: int = Field(4096, ge=1, description="Time steps at most in one Step/Predict request.")
     max_concurrent_rpcs: int = Field(
-        1024, ge=1, description="RPCs in progress at most; more are refused with RESOURCE_EXHAUSTED."
+        4096,
+        ge=1,
+        description="Calls in progress at most (unary calls plus open streams; health checks never count); more are "
+        "refused with RESOURCE_EXHAUSTED.",
+    )
+    max_calls_per_peer: int = Field(
+        512,
+        ge=1,
+        description="The same, per client address (behind a proxy every call comes from the proxy: raise it there).",
+    )
+    stream_idle_timeout: float = Field(
+        300.0, ge=0, description="Seconds a stream may send nothing before it is ended (UNAVAILABLE); 0 = never."
     )
     max_batch: int = Field(64, ge=1, description="Sessions at most in one batched backend call.")
     max_batch_wait: float = Field(
@@ -76,6 +93,12 @@ class Settings(BaseSettings):
         200_000,
         ge=0,
         description="Models with at most this many weights compute on the event loop, bigger ones in compute threads.",
+    )
+    inline_max_steps: int = Field(
+        32,
+        ge=0,
+        description="Requests of more time steps than this compute in the compute threads even for small models, so "
+        "that long requests never hold the event loop.",
     )
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")

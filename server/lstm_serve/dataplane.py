@@ -23,6 +23,7 @@ from lstm_serve.engine.repository import Repository
 from lstm_serve.errors import (
     InvalidInput,
     LimitExceeded,
+    LstmServeError,
     ModelNotFound,
     SequenceMismatch,
     SessionNotFound,
@@ -43,6 +44,7 @@ class Limits:
     max_batch: int = 64
     max_batch_wait: float = 0.0
     inline_max_parameters: int = 200_000
+    inline_max_steps: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +68,16 @@ class DataPlane:
         self.metrics = metrics
         self.limits = limits
         self._locks = KeyedLock()
-        # Small models compute on the event loop (a thread hop would cost more than the step); big ones in the
-        # executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
+        # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
+        # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
+        small = {name: m.info.parameters <= limits.inline_max_parameters for name, m in repository.models.items()}
         self._batchers = {
             name: Batcher(
                 model,
                 max_batch=limits.max_batch,
                 max_wait=limits.max_batch_wait,
-                executor=executor if model.info.parameters > limits.inline_max_parameters else None,
+                executor=executor,
+                inline_max_steps=limits.inline_max_steps if small[name] else 0,
                 on_batch=metrics.batch_size.labels(model=name).observe,
             )
             for name, model in repository.models.items()
@@ -162,6 +166,7 @@ class DataPlane:
         counts = await self.store.counts()
         for name in self.repository.models:
             self.metrics.sessions_active.labels(model=name).set(counts.get(name, 0))
+        self.metrics.session_store_bytes.set(await self.store.size_bytes())
         return ended
 
     async def _load(self, session_id: str, *, fresh: bool) -> Session:
@@ -214,7 +219,7 @@ class DataPlane:
                 if isinstance(result, Session):
                     self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
                     return StepOutcome(session.id, seq, outputs)
-                if isinstance(result, SessionNotFound):  # ended (closed, evicted, expired) while computing
+                if isinstance(result, LstmServeError):  # ended while computing, or no room for its record
                     raise result
                 self.metrics.child(self.metrics.commit_conflicts, info.name).inc()
                 session, fresh = result.current, True

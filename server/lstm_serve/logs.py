@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 
 # Attributes a LogRecord has of its own; anything else was passed through `extra=` and goes into the JSON object.
@@ -24,16 +25,54 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _escaped(value: object) -> str:
+    """A field as one line of text: newlines and other control characters in client-supplied values (a session id,
+    a request id) are shown escaped, so they cannot forge or split log lines."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
 class TextFormatter(logging.Formatter):
     """Readable lines, with the structured fields (session_id, seq, request_id, ...) appended as key=value."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and v is not None)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line before any traceback: escaped, with the fields; a traceback is appended after it as it is."""
+        line = _escaped(super().formatMessage(record))
+        fields = " ".join(f"{k}={_escaped(v)}" for k, v in vars(record).items() if k not in _STANDARD and v is not None)
         return f"{line} [{fields}]" if fields else line
+
+
+class RateLimitedLog:
+    """A token bucket in front of a logger, for lines a client can cause at will (refused requests): at most `burst`
+    at once and `per_second` on average; what it drops is counted and reported in the next line it lets through."""
+
+    def __init__(self, logger: logging.Logger, per_second: float, burst: int) -> None:
+        self._log = logger
+        self._rate = per_second
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self.dropped = 0
+
+    def info(self, message: str, *args: object, extra: dict[str, object]) -> None:
+        if not self._log.isEnabledFor(logging.INFO):
+            return
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self.dropped += 1
+            return
+        self._tokens -= 1
+        if self.dropped:
+            extra = extra | {"suppressed_before": self.dropped}
+            self.dropped = 0
+        self._log.info(message, *args, extra=extra)
 
 
 def configure(level: str, json_lines: bool) -> None:

@@ -63,6 +63,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.session_store_bytes = Gauge(
+            "lstm_session_store_bytes",
+            "Memory the sessions take: their records in this process (bounded by --max-session-bytes), or, with "
+            "Redis, Redis's used memory. Refreshed every sweep interval.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.sessions_created = Counter("lstm_sessions_created", "Sessions created, by model.", ["model"], registry=r)
         self.sessions_ended = Counter(
             "lstm_sessions_ended",

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from lstm_client import AsyncClient, ServerError
-from lstm_client._proto.lstm.v1 import lstm_pb2_grpc
 from lstm_serve.dataplane import DataPlane
 from lstm_serve.engine.cell import F32
 from lstm_serve.engine.model import Model
@@ -18,7 +17,7 @@ from lstm_serve.engine.npz import load_npz
 from lstm_serve.engine.numpy_backend import NumpyBackend
 from lstm_serve.engine.repository import Repository
 from lstm_serve.metrics import Metrics
-from lstm_serve.service import LstmServicer
+from lstm_serve.service import Calls, LstmServicer
 from lstm_serve.sessions import MemorySessionStore
 from tests.golden import TOLERANCE, golden
 
@@ -39,7 +38,7 @@ async def flaky() -> AsyncIterator[tuple[str, FlakyBackend]]:
     repository = Repository(models={"flaky": Model.from_weights("flaky", weights, backend)}, failures={})
     plane = DataPlane(repository, MemorySessionStore(max_sessions=10, default_ttl=0), Metrics())
     server = grpc.aio.server()
-    lstm_pb2_grpc.add_LstmServiceServicer_to_server(LstmServicer(plane), server)  # type: ignore[no-untyped-call]
+    LstmServicer(plane, Calls(plane.metrics)).register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield f"127.0.0.1:{port}", backend

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lstm_serve.errors import InvalidInput, SessionExists, SessionNotFound
-from lstm_serve.sessions import EndReason, MemorySessionStore, Session, StepWrite
+from lstm_serve.errors import CapacityExceeded, InvalidInput, SessionExists, SessionNotFound
+from lstm_serve.sessions import CapacityPolicy, EndReason, MemorySessionStore, Session, StepWrite
 
 
 class Clock:
@@ -22,20 +22,14 @@ def clock() -> Clock:
     return Clock()
 
 
-def _store(clock: Clock, **kwargs: float) -> tuple[MemorySessionStore, list[tuple[str, EndReason]]]:
+def _store(clock: Clock, **kwargs: object) -> tuple[MemorySessionStore, list[tuple[str, EndReason]]]:
     ended: list[tuple[str, EndReason]] = []
 
     def on_end(model: str, reason: EndReason) -> None:
         ended.append((model, reason))
 
-    options: dict[str, float] = {"max_sessions": 3, "default_ttl": 60.0} | kwargs
-    store = MemorySessionStore(
-        max_sessions=int(options.pop("max_sessions")),
-        default_ttl=options.pop("default_ttl"),
-        clock=clock,
-        on_end=on_end,
-        **options,  # type: ignore[arg-type]
-    )
+    options: dict[str, object] = {"max_sessions": 3, "default_ttl": 60.0} | kwargs
+    store = MemorySessionStore(clock=clock, on_end=on_end, **options)  # type: ignore[arg-type]
     return store, ended
 
 
@@ -183,3 +177,36 @@ async def test_an_expired_but_unswept_id_can_be_created_again(clock: Clock) -> N
     again = await store.create("m", _state(), "dev-1", None)
     assert again.seq == 0
     assert ended == [("m", EndReason.EXPIRED)]
+
+
+async def test_the_records_stay_within_the_byte_budget(clock: Clock) -> None:
+    """A long step stores a long reply (for its retry): the budget counts it, and evicts the least recently used."""
+    zero = _state()  # 32 bytes
+    store, ended = _store(clock, max_sessions=100, max_bytes=1000)
+    a = await store.create("m", zero, "a", None)
+    b = await store.create("m", zero, "b", None)
+    assert store.bytes == 64
+    long_reply = np.ones((200, 1), np.float32)  # 800 bytes of outputs
+    after = a.stepped(1, np.ones((2, 1, 4), np.float32), long_reply, bytes(16), clock.now)
+    [stored] = await store.commit([StepWrite(a, after)])
+    assert isinstance(stored, Session)
+    assert store.bytes == 32 + 16 + 800 + 32
+    big = b.stepped(1, np.ones((2, 1, 4), np.float32), long_reply, bytes(16), clock.now)
+    [done] = await store.commit([StepWrite(b, big)])  # does not fit beside a: a, least recently used, goes
+    assert isinstance(done, Session)
+    assert ended == [("m", EndReason.EVICTED)]
+    with pytest.raises(SessionNotFound, match="max_session_bytes=1000"):
+        store.get("a")
+    assert store.bytes == 848 <= 1000
+
+
+async def test_the_refuse_policy_refuses_a_step_past_the_byte_budget(clock: Clock) -> None:
+    store, ended = _store(clock, max_sessions=100, max_bytes=600, policy=CapacityPolicy.REFUSE)
+    a = await store.create("m", _state(), "a", None)
+    await store.create("m", _state(), "b", None)
+    after = a.stepped(1, np.ones((2, 1, 4), np.float32), np.ones((200, 1), np.float32), bytes(16), clock.now)
+    [refused] = await store.commit([StepWrite(a, after)])
+    assert isinstance(refused, CapacityExceeded)
+    assert store.get("a").seq == 0  # unchanged
+    assert ended == []
+    assert store.bytes == 64

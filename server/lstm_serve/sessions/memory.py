@@ -62,12 +62,15 @@ class MemorySessionStore:
         max_sessions: int,
         default_ttl: float,
         policy: CapacityPolicy = CapacityPolicy.EVICT,
+        max_bytes: int = 1 << 62,
         ended_ttl: float = 3600.0,
         max_ended: int = 100_000,
         clock: Callable[[], float] = time.time,
         on_end: EndHook | None = None,
     ) -> None:
         self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the records held (state and the last reply of every session): what --max-session-bytes bounds
         self.default_ttl = default_ttl
         self.policy = policy
         self.ended_ttl = ended_ttl
@@ -104,6 +107,7 @@ class MemorySessionStore:
         while len(self._live) >= self.max_sessions:
             victim = self._live.pop(next(iter(self._live)))
             self._end(victim, EndReason.EVICTED, f"(least recently used; at max_sessions={self.max_sessions})")
+        self._make_room(len(zero_state), keep="")
         now = self._clock()
         session = Session(
             id=session_id,
@@ -136,6 +140,11 @@ class MemorySessionStore:
             if live.rev != write.base.rev:
                 results.append(Stale(live))
                 continue
+            try:
+                self._make_room(len(write.after.record) - len(live.record), keep=live.id)
+            except CapacityExceeded as exc:
+                results.append(exc)
+                continue
             after = replace(write.after, last_used=self._clock())  # the store's clock decides idleness
             self._replace(after)
             results.append(after)
@@ -166,6 +175,9 @@ class MemorySessionStore:
 
     async def counts(self) -> dict[str, int]:
         return dict(self._counts)
+
+    async def size_bytes(self) -> int:
+        return self.bytes
 
     async def ping(self) -> None:
         return None
@@ -221,11 +233,29 @@ class MemorySessionStore:
         self._live[session.id] = session
         self._ended.pop(session.id, None)
         self._counts[session.model] += 1
+        self.bytes += len(session.record)
 
     def _replace(self, session: Session) -> None:
         """The newer record of a live session, now the most recently used."""
-        del self._live[session.id]
+        old = self._live.pop(session.id)
         self._live[session.id] = session
+        self.bytes += len(session.record) - len(old.record)
+
+    def _make_room(self, growth: int, keep: str) -> None:
+        """Keeps the records within max_bytes: ends least recently used sessions (never `keep`), or refuses."""
+        if self.bytes + growth <= self.max_bytes:
+            return
+        detail = f"(least recently used; the records reached max_session_bytes={self.max_bytes})"
+        if self.policy is CapacityPolicy.EVICT:
+            for victim in [s for s in self._live.values() if s.id != keep]:
+                if self.bytes + growth <= self.max_bytes:
+                    return
+                del self._live[victim.id]
+                self._end(victim, EndReason.EVICTED, detail)
+        if self.bytes + growth > self.max_bytes:
+            raise CapacityExceeded(
+                f"the sessions' records would pass max_session_bytes={self.max_bytes}; close sessions or retry later"
+            )
 
     @staticmethod
     def _idle_expired(session: Session, now: float) -> bool:
@@ -243,5 +273,6 @@ class MemorySessionStore:
         self._counts[session.model] -= 1
         if self._counts[session.model] <= 0:
             del self._counts[session.model]
+        self.bytes -= len(session.record)
         if self._on_end is not None:
             self._on_end(session.model, reason)

@@ -257,6 +257,10 @@ class RedisSessionStore:
         raw = await self._guard("counts", self._redis.hgetall(self.prefix + "count"))
         return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
 
+    async def size_bytes(self) -> int:
+        info = await self._guard("info", self._redis.info("memory"))
+        return int(info.get("used_memory", 0))
+
     async def ping(self) -> None:
         await self._guard("ping", self._redis.ping())
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from lstm_serve.engine.cell import F32
-from lstm_serve.errors import InvalidInput, SessionNotFound
+from lstm_serve.errors import CapacityExceeded, InvalidInput, SessionNotFound
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DIGEST_BYTES = 16  # blake2b-128 of a step's inputs: a retry with other inputs cannot be made to collide cheaply
@@ -116,7 +116,7 @@ class Stale:
     current: Session
 
 
-CommitResult = Session | Stale | SessionNotFound
+CommitResult = Session | Stale | SessionNotFound | CapacityExceeded
 LoadResult = Session | SessionNotFound
 
 
@@ -152,7 +152,8 @@ class SessionStore(Protocol):
         ...
 
     async def commit(self, writes: Sequence[StepWrite]) -> list[CommitResult]:
-        """Applies each write whose base is still current (compare-and-set on rev), restarting its idle clock."""
+        """Applies each write whose base is still current (compare-and-set on rev), restarting its idle clock; a write
+        that would pass the store's byte budget under the refuse policy is answered CapacityExceeded."""
         ...
 
     async def reset(self, session_id: str, zero_state: bytes) -> Session: ...
@@ -169,6 +170,10 @@ class SessionStore(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Live sessions by model, store-wide."""
+        ...
+
+    async def size_bytes(self) -> int:
+        """Memory the sessions take: their records (memory store), or Redis's used memory."""
         ...
 
     async def ping(self) -> None:

@@ -1,0 +1,194 @@
+"""What every RPC of the transport shares, in one place: admission (limits per peer and overall, the drain at
+shutdown), parsing the request bytes, timing, metrics, logging, and mapping domain errors to a status.
+
+Requests arrive as raw bytes and are parsed here, so that a malformed message is the client's error
+(INVALID_ARGUMENT, counted and logged like any refusal) instead of grpc's UNKNOWN with a traceback. The health service
+is outside this gate: no number of calls or streams here can starve it, so an orchestrator never restarts a server
+(and loses its in-memory sessions) because clients kept it busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError, Message
+
+from lstm_serve.errors import InvalidInput, LimitExceeded, LstmServeError, ShuttingDown
+from lstm_serve.logs import RateLimitedLog
+from lstm_serve.metrics import Metrics
+from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
+
+log = logging.getLogger("lstm_serve.service")
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
+REQUEST_ID_KEY = "x-request-id"
+
+
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    max_calls: int = 1024  # unary calls in progress plus open streams, over all clients
+    max_calls_per_peer: int = 256  # the same, per client address (behind a proxy: per proxy)
+    stream_idle_timeout: float = 300.0  # a stream that sends nothing for this long is ended (0 = never)
+
+
+def request_id(context: Context) -> str | None:
+    """The caller's request id from the call metadata, for correlating our logs with theirs."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)[:128]
+    return None
+
+
+def peer_host(context: Context) -> str:
+    """ "ipv4:10.0.0.7:53211" -> "ipv4:10.0.0.7": limits count per client address, not per connection."""
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+def parse(message_type: type[Req], data: bytes) -> Req:
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise InvalidInput(f"malformed {message_type.DESCRIPTOR.name} message ({len(data)} bytes)") from None
+
+
+class Calls:
+    def __init__(self, metrics: Metrics, limits: CallLimits = CallLimits()) -> None:
+        self.metrics = metrics
+        self.limits = limits
+        self.draining = False
+        self._in_flight = 0
+        self._per_peer: Counter[str] = Counter()
+        self._streams: dict[asyncio.Task[Any], float] = {}  # each stream's reader -> when it last received
+        self._idle = asyncio.Event()  # set when nothing is in flight
+        self._idle.set()
+        self._refusals = RateLimitedLog(log, per_second=20.0, burst=100)
+
+    # --- admission ----------------------------------------------------------------------------------------------
+
+    def enter(self, peer: str) -> None:
+        """Admits a call or raises: UNAVAILABLE while draining (the client retries elsewhere), RESOURCE_EXHAUSTED
+        over a limit."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry (another replica, or this one once restarted)")
+        if self._in_flight >= self.limits.max_calls:
+            raise LimitExceeded(f"the server has {self._in_flight} calls in progress, its limit; retry later")
+        if self._per_peer[peer] >= self.limits.max_calls_per_peer:
+            raise LimitExceeded(
+                f"{self._per_peer[peer]} calls in progress from your address, its limit; close idle streams"
+            )
+        self._in_flight += 1
+        self._per_peer[peer] += 1
+        self._idle.clear()
+
+    def leave(self, peer: str) -> None:
+        self._in_flight -= 1
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def watch_stream(self, reader: asyncio.Task[Any]) -> None:
+        self._streams[reader] = time.monotonic()
+        reader.add_done_callback(self._streams.pop)
+
+    def stream_received(self, reader: asyncio.Task[Any]) -> None:
+        self._streams[reader] = time.monotonic()
+
+    def end_idle_streams(self) -> int:
+        """Stops reading streams idle past the limit (they then end with UNAVAILABLE: reconnect when needed)."""
+        if self.limits.stream_idle_timeout <= 0:
+            return 0
+        oldest = time.monotonic() - self.limits.stream_idle_timeout
+        idle = [reader for reader, seen in self._streams.items() if seen < oldest]
+        for reader in idle:
+            reader.cancel()
+        return len(idle)
+
+    async def drain(self, grace: float) -> bool:
+        """Refuses new calls, stops every stream reading (each answers what it has, then ends with UNAVAILABLE), and
+        waits up to `grace` seconds for the calls in progress; returns whether they all finished."""
+        self.draining = True
+        for reader in list(self._streams):
+            reader.cancel()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- one call -----------------------------------------------------------------------------------------------
+
+    def unary(
+        self, method: str, message_type: type[Req], handler: Callable[[Req, Context], Awaitable[Resp]]
+    ) -> Callable[[bytes, Context], Awaitable[Resp]]:
+        """The grpc behaviour of a unary method: raw bytes in, the handler's reply out."""
+
+        async def behaviour(data: bytes, context: Context) -> Resp:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            request: Req | None = None
+            peer = peer_host(context)
+            try:
+                self.enter(peer)
+                try:
+                    request = parse(message_type, data)
+                    return await handler(request, context)
+                finally:
+                    self.leave(peer)
+            except LstmServeError as exc:
+                code = status_code(exc)
+                context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
+                self.refused(method, request, request_id(context), code, exc.message)
+                await context.abort(code, exc.message)
+                raise  # abort() raises; this line only satisfies the type checker
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                self.failed(method, request, context)
+                await context.abort(code, INTERNAL_MESSAGE)
+                raise
+            finally:
+                self.finished(method, code, start)
+
+        return behaviour
+
+    def finished(self, method: str, code: grpc.StatusCode, start: float) -> float:
+        elapsed = time.perf_counter() - start
+        self.metrics.rpc_finished(method, code.name, elapsed)
+        if code == grpc.StatusCode.OK and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s OK", method, extra={"method": method, "duration_ms": round(elapsed * 1e3, 3)})
+        return elapsed
+
+    def refused(self, method: str, request: object, rid: str | None, code: grpc.StatusCode, message: str) -> None:
+        """A refused request, at INFO, rate-limited: a client flooding bad requests cannot flood the log."""
+        fields = {
+            "method": method,
+            "code": code.name,
+            "session_id": getattr(request, "session_id", None) or None,
+            "seq": getattr(request, "seq", None),
+            "request_id": rid,
+        }
+        self._refusals.info("%s %s: %s", method, code.name, message, extra=fields)
+
+    def failed(self, method: str, request: object, context: Context) -> None:
+        """INTERNAL: a bug; logged with the traceback (the caller only learns that it happened)."""
+        fields = {
+            "method": method,
+            "session_id": getattr(request, "session_id", None),
+            "request_id": request_id(context),
+        }
+        log.exception("%s failed", method, extra=fields)

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -38,12 +40,37 @@ from lstm_serve.sessions.redis_store import RedisSessionStore
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = lstm_pb2.DESCRIPTOR.services_by_name["LstmService"].full_name
+T = TypeVar("T")
 STORE_CHECK_INTERVAL = 1.0  # seconds between readiness probes of a shared store
 DRAIN_LINGER = 0.25  # seconds the port stays open after the drain, answering UNAVAILABLE
 
 
 class StartupError(Exception):
     """The server cannot start; the message is the one line an operator needs (no traceback)."""
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Runs `fn` in a daemon thread: the event loop stays free to take SIGTERM while models load, and a load stuck in
+    a system call (a file that never ends) does not keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(setter: Callable[[Any], object], value: object) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            outcome: tuple[Callable[[Any], object], object] = (future.set_exception, exc)
+        else:
+            outcome = (future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="load-models", daemon=True).start()
+    return await future
 
 
 class App:
@@ -74,7 +101,7 @@ class App:
         s = self.settings
         # More BLAS threads than cores fight the event loop for the 2 CPUs (see docs/performance.md).
         threadpool_limits(limits=1)
-        repository = Repository.scan(s.model_dir, frozenset(s.models))
+        repository = await _in_daemon_thread(Repository.scan, s.model_dir, frozenset(s.models))
         store = self._store = self._build_store()
         if s.snapshot is not None and isinstance(store, MemorySessionStore):
             self._restore(store, repository)

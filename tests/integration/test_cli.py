@@ -136,3 +136,35 @@ class _RequestId(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         metadata = [*(details.metadata or ()), ("x-request-id", self.request_id)]
         return continuation(details._replace(metadata=metadata), request)
+
+
+SLOW_LOAD = """
+import sys, time
+import lstm_serve.engine.repository as repository
+real_scan = repository.Repository.scan.__func__
+def slow_scan(cls, *args):
+    time.sleep(120)  # a model that takes minutes to load
+    return real_scan(cls, *args)
+repository.Repository.scan = classmethod(slow_scan)
+from lstm_serve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_a_server_that_is_still_loading_its_models(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD, "serve", "--port", "0", "--metrics-port", "-1", "--model-dir", "models"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # loading now (the handlers are set before loading starts)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert "stop requested while starting" in err

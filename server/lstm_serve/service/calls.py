@@ -122,6 +122,8 @@ class Calls:
         self.draining = True
         for reader in list(self._streams):
             reader.cancel()
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,11 @@ def golden(name: str) -> Golden:
 
 
 def write_model_dir(root: Path, name: str, weights: Path, backend: str = "numpy") -> Path:
-    """A model repository entry pointing at an existing weights file."""
+    """A model repository entry with a copy of `weights`, named relatively in its model.toml: the server serves only
+    files inside a model's directory. A `weights` that does not exist is named all the same (a broken model)."""
     directory = root / name
     directory.mkdir(parents=True)
-    (directory / "model.toml").write_text(f'version = "1"\nbackend = "{backend}"\nweights = "{weights}"\n')
+    if weights.exists():
+        shutil.copyfile(weights, directory / weights.name)
+    (directory / "model.toml").write_text(f'version = "1"\nbackend = "{backend}"\nweights = "{weights.name}"\n')
     return directory

@@ -69,20 +69,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    """Loads PATH as the server would (a model directory, or an npz file): a file it refuses is one line on stderr
+    and exit code 1, never a traceback, whatever the file holds."""
+    from lstm_serve.engine.files import one_line
     from lstm_serve.engine.model import Model
     from lstm_serve.engine.npz import load_npz
     from lstm_serve.engine.numpy_backend import NumpyBackend
-    from lstm_serve.engine.repository import CONFIG_FILE, load_model
+    from lstm_serve.engine.repository import load_model
 
     path: Path = args.path
     try:
-        if path.is_dir() and (path / CONFIG_FILE).is_file():
+        if path.is_dir():
             model = load_model(path)
         else:
             weights = load_npz(path)
             model = Model.from_weights(path.stem, weights, NumpyBackend(weights))
     except ModelLoadError as exc:
-        print(f"lstm-serve inspect: {exc.message}", file=sys.stderr)
+        print(f"lstm-serve inspect: {one_line(exc.message, 2000)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a case the loaders did not foresee: still one line
+        print(f"lstm-serve inspect: {path}: cannot load ({type(exc).__name__}: {one_line(str(exc))})", file=sys.stderr)
         return 1
     info = model.info
     L, H = info.num_layers, info.hidden_size
@@ -110,7 +116,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    """Like inspect: a source it refuses is one line on stderr and exit code 1, never a traceback."""
     from lstm_serve.convert import ConvertOptions, convert
+    from lstm_serve.engine.files import one_line
 
     stats = {k: getattr(args, k) for k in ("input_mean", "input_std", "output_mean", "output_std") if getattr(args, k)}
     options = ConvertOptions(
@@ -129,7 +137,13 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         out, error = convert(args.source, args.out, options)
     except ModelLoadError as exc:
-        print(f"lstm-serve convert: {exc.message}", file=sys.stderr)
+        print(f"lstm-serve convert: {one_line(exc.message, 2000)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a case the readers did not foresee: still one line
+        print(
+            f"lstm-serve convert: {args.source}: cannot convert ({type(exc).__name__}: {one_line(str(exc))})",
+            file=sys.stderr,
+        )
         return 1
     print(f"wrote {out} (backend {args.backend}); checked against the source weights: max difference {error:.1e}")
     return 0

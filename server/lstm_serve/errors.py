@@ -67,6 +67,14 @@ class CapacityExceeded(LstmServeError):
 
 
 class ModelLoadError(LstmServeError):
-    """A model file or its config is unusable; raised at load or convert time, never on the request path."""
+    """A model file or its config is unusable; raised at load or convert time, never on the request path.
+
+    `message` is for the operator (the log, the command line) and may name server paths; `public` is the short
+    reason clients are shown (ListModels, GetModel), without them. It defaults to the message, for messages that name
+    no path."""
 
     reason = "bad_model"
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = message if public is None else public

@@ -212,7 +212,8 @@ def test_a_second_memory_store_server_on_a_taken_port_fails_at_once(cluster_mode
             last == f"lstm-serve: cannot listen on 127.0.0.1:{first.port}: the address is in use or not available here"
         )
         assert "Traceback" not in second.stderr
-        assert "WARNING" not in second.stderr and "Event loop is closed" not in second.stderr
+        assert "WARNING" not in second.stderr
+        assert "Event loop is closed" not in second.stderr
         with Client(first.target) as client:
             assert client.list_models()  # the first is untouched
 

@@ -8,6 +8,7 @@ reproduce the framework's whole-sequence output to 1e-5; Predict from the random
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def importer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         for kind, suffix in AS_EXPORTED.items():
             directory = root / f"{case}_{kind}"
             directory.mkdir()
-            (directory / "model.toml").write_text(f'backend = "onnx"\nweights = "{source(case, suffix)}"\n')
+            shutil.copyfile(source(case, suffix), directory / "model.onnx")  # served only from its own directory
+            (directory / "model.toml").write_text('backend = "onnx"\nweights = "model.onnx"\n')
     server, handle = start_server(test_settings(root))
     yield server
     stop_server(server, handle)

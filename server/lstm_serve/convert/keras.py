@@ -10,30 +10,46 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lstm_serve.engine import files
 from lstm_serve.engine.cell import LayerWeights
 from lstm_serve.engine.weights import ModelWeights
 from lstm_serve.errors import ModelLoadError
 
+_MAX_CONFIG_BYTES = 16 << 20  # a Keras config.json: layer descriptions, a few kilobytes for an LSTM model
 _SKIPPED = {"InputLayer", "Dropout", "SpatialDropout1D", "GaussianNoise", "Masking"}  # no-ops at inference
 
 
 def weights_from_keras(path: Path) -> ModelWeights:
     try:
         if path.name.endswith(".keras"):
-            with zipfile.ZipFile(path) as archive:
-                config = json.loads(archive.read("config.json"))
-                h5_bytes = archive.read("model.weights.h5")
+            with (
+                files.open_model_file(path, None, "source file", files.MAX_MODEL_BYTES) as file,
+                zipfile.ZipFile(file) as archive,
+            ):
+                config = json.loads(_member(archive, "config.json", _MAX_CONFIG_BYTES, path))
+                h5_bytes = _member(archive, "model.weights.h5", files.MAX_MODEL_BYTES, path)
             return _from_h5(io.BytesIO(h5_bytes), _layer_plan(config), path)
+        files.check_file(path, None, "source file", files.MAX_MODEL_BYTES)
         return _from_h5(path, None, path)
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError) as exc:
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, zlib.error) as exc:  # ValueError: JSON, UTF-8
         raise ModelLoadError(f"{path}: not a readable Keras 3 file ({type(exc).__name__}: {exc})") from None
+
+
+def _member(archive: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """One member of a .keras archive, refused by the size its zip entry declares before it is inflated (a deflated
+    member may declare gigabytes in a few kilobytes); the zip module stops at the declared size."""
+    size = archive.getinfo(name).file_size
+    if size > limit:
+        raise ModelLoadError(f"{path}: {name} is {files.human(size)}; the limit is {files.human(limit)}")
+    return archive.read(name)
 
 
 def _layer_plan(config: dict[str, Any]) -> list[str]:
@@ -80,6 +96,11 @@ def _from_h5(source: Any, plan: list[str] | None, path: Path) -> ModelWeights:
         others = [g for g in groups if g not in lstm_names + dense_names and _has_datasets(h5["layers"][g])]
         if others:
             raise ModelLoadError(f"{path}: layers other than LSTM and Dense hold weights: {others}")
+        declared = _declared_bytes(h5["layers"])
+        if declared > files.MAX_MODEL_BYTES:  # HDF5 may declare a huge dataset it never stored: refuse, not allocate
+            raise ModelLoadError(
+                f"{path}: the layers declare {files.human(declared)}; the limit is {files.human(files.MAX_MODEL_BYTES)}"
+            )
         if plan is not None and (plan.count("lstm"), plan.count("dense")) != (len(lstm_names), len(dense_names)):
             raise ModelLoadError(f"{path}: the config and the weights disagree on the layers")
         if not lstm_names:
@@ -98,6 +119,16 @@ def _from_h5(source: Any, plan: list[str] | None, path: Path) -> ModelWeights:
             dense = h5["layers"][dense_names[0]]["vars"]
             head = (np.asarray(dense["0"], dtype=np.float32).T.copy(), np.asarray(dense["1"], dtype=np.float32))
     return ModelWeights(layers=layers, head=head).validate()
+
+
+def _declared_bytes(group: Any) -> int:
+    import h5py
+
+    sizes: list[int] = []
+    group.visititems(
+        lambda name, obj: sizes.append(int(obj.size) * obj.dtype.itemsize) if isinstance(obj, h5py.Dataset) else None
+    )
+    return sum(sizes)
 
 
 def _has_datasets(group: Any) -> bool:

@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lstm_serve.engine.cell import LayerWeights
+from lstm_serve.engine.onnx_backend import read_onnx
 from lstm_serve.engine.weights import ModelWeights
 from lstm_serve.errors import ModelLoadError
 
@@ -34,12 +35,7 @@ def _reorder(array: np.ndarray, H: int, order: list[int]) -> np.ndarray:
 
 
 def weights_from_onnx(path: Path) -> ModelWeights:
-    try:
-        model = onnx.load(str(path))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: no such file") from None
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    model = read_onnx(path)  # the checks every model file passes; external data only from beside the file
     graph = model.graph
     tensors: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lstm_serve.engine import files
 from lstm_serve.engine.npz import load_npz, save_npz
 from lstm_serve.engine.repository import CONFIG_FILE, load_model
 from lstm_serve.engine.weights import ModelWeights, Normalization
@@ -49,7 +50,10 @@ def source_format(path: Path) -> str:
 
 
 def read_weights(path: Path, options: ConvertOptions = ConvertOptions()) -> ModelWeights:
+    """The source's weights. Like every model file, the source must be a regular file (a FIFO would block the
+    reader forever, a device never end) within the size limit of one model, whatever library then reads it."""
     fmt = options.source_format or source_format(path)
+    files.check_file(path, None, "source file", files.MAX_MODEL_BYTES)
     if fmt == "pytorch":
         from lstm_serve.convert import pytorch
 

@@ -10,19 +10,24 @@
                                                       input = "x"          # h0, c0, output, hn, cn, layout
 
 An npz carries its own normalisation and feature names; an ONNX graph does not, so model.toml does. A model that
-fails to load is reported with the reason and skipped; the others still serve.
+fails to load is reported with the reason and skipped; the others still serve. Every file is read through
+engine/files.py: regular files only, inside the model's directory, of bounded size. Clients see a short reason per
+failed model (`failures`); the details, with the paths, are logged once, at load, with the model's name.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lstm_serve.engine import files
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.npz import load_npz
 from lstm_serve.engine.numpy_backend import NumpyBackend
@@ -55,27 +60,38 @@ class ModelConfig:
     @classmethod
     def read(cls, directory: Path) -> ModelConfig:
         path = directory / CONFIG_FILE
+        data = files.read_model_file(path, directory, CONFIG_FILE, files.MAX_CONFIG_BYTES)
+
+        def error(problem: str) -> ModelLoadError:
+            return ModelLoadError(f"{path}: {problem}", public=files.one_line(f"{CONFIG_FILE}: {problem}"))
+
         try:
-            raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ModelLoadError(f"{path}: {exc}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        try:
+            raw: dict[str, Any] = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise error(f"invalid TOML: {exc}") from None
         unknown = sorted(set(raw) - _KEYS - _TABLES)
         if unknown:
-            raise ModelLoadError(f"{path}: unknown keys {unknown}; allowed: {sorted(_KEYS | _TABLES)}")
+            raise error(f"unknown keys {unknown}; allowed: {sorted(_KEYS | _TABLES)}")
         if "weights" not in raw:
-            raise ModelLoadError(f"{path}: missing key 'weights' (the artifact file, relative to the directory)")
+            raise error("missing key 'weights' (the artifact file, relative to the directory)")
+        if not isinstance(raw["weights"], str) or not raw["weights"]:
+            raise error("'weights' must be a file name, relative to the directory")
         backend = str(raw.get("backend", "numpy"))
         if backend not in BACKENDS:
-            raise ModelLoadError(f"{path}: unknown backend {backend!r}; available: {list(BACKENDS)}")
+            raise error(f"unknown backend {backend!r}; available: {list(BACKENDS)}")
         onnx_table = raw.get("onnx", {})
         if set(onnx_table) - _ONNX_KEYS:
-            raise ModelLoadError(f"{path}: unknown keys in [onnx] {sorted(set(onnx_table) - _ONNX_KEYS)}")
+            raise error(f"unknown keys in [onnx] {sorted(set(onnx_table) - _ONNX_KEYS)}")
         norm = raw.get("normalization", {})
         if norm and sorted(norm) != sorted(_NORM_KEYS):
-            raise ModelLoadError(f"{path}: [normalization] needs exactly {list(_NORM_KEYS)}, found {sorted(norm)}")
+            raise error(f"[normalization] needs exactly {list(_NORM_KEYS)}, found {sorted(norm)}")
         if backend == "numpy" and (norm or onnx_table or "input_features" in raw or "output_features" in raw):
-            raise ModelLoadError(
-                f"{path}: an npz model carries its normalisation and feature names itself (meta.* keys); "
+            raise error(
+                "an npz model carries its normalisation and feature names itself (meta.* keys); "
                 "remove them from model.toml (lstm-serve convert --input-mean ... writes them into the npz)"
             )
         return cls(
@@ -83,7 +99,7 @@ class ModelConfig:
             version=str(raw.get("version", "1")),
             description=str(raw.get("description", "")),
             backend=backend,
-            weights=directory / str(raw["weights"]),
+            weights=directory / raw["weights"],
             input_features=tuple(str(f) for f in raw.get("input_features", [])),
             output_features=tuple(str(f) for f in raw.get("output_features", [])),
             normalization={k: [float(v) for v in norm[k]] for k in norm},
@@ -98,10 +114,13 @@ class ModelConfig:
         return OnnxIO(**names, batch_first=layout == "batch_first")
 
 
-def load_model(directory: Path, onnx_threads: int = 1) -> Model:
-    config = ModelConfig.read(directory)
+def load_model(directory: Path, onnx_threads: int = 1, config: ModelConfig | None = None) -> Model:
+    """Loads the model of `directory` (with its model.toml already read into `config`, if given). Every file it
+    names is confined to `directory`."""
+    if config is None:
+        config = ModelConfig.read(directory)
     if config.backend == "numpy":
-        weights = load_npz(config.weights)
+        weights = load_npz(config.weights, directory)
         return Model.from_weights(
             config.name,
             weights,
@@ -109,10 +128,7 @@ def load_model(directory: Path, onnx_threads: int = 1) -> Model:
             version=config.version,
             description=config.description,
         )
-    try:
-        backend = OnnxBackend(config.weights, config.onnx_io(), threads=onnx_threads)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{directory.name}: {exc.message}") from None
+    backend = OnnxBackend(config.weights, config.onnx_io(), threads=onnx_threads, within=directory)
     norm = None
     if config.normalization:
         n = config.normalization
@@ -148,29 +164,67 @@ def load_model(directory: Path, onnx_threads: int = 1) -> Model:
     return Model(info, backend, norm)
 
 
+INTERNAL_FAILURE = "internal error while loading the model (details in the server log)"
+
+
+def _has_config(entry: Path) -> bool:
+    """A directory with a model.toml of any kind: one that is a FIFO or a dangling link is refused with a reason,
+    not skipped in silence. An entry that cannot even be examined is logged and skipped, not fatal to the rest."""
+    try:
+        return entry.is_dir() and os.path.lexists(entry / CONFIG_FILE)
+    except OSError as exc:
+        log.error("model repository entry %s skipped: %s", entry, exc.strerror)
+        return False
+
+
 @dataclass(slots=True)
 class Repository:
     models: dict[str, Model]
-    failures: dict[str, str]  # model directory name -> why it did not load
+    failures: dict[str, str]  # model directory name -> why it did not load, in words fit for any client
+
+    def _fail(self, directory: str, exc: ModelLoadError) -> None:
+        """Logs the details once and keeps the short reason: clients never see the server's paths."""
+        log.error("model %s not loaded: %s", directory, exc.message, extra={"model": directory})
+        self.failures[directory] = files.one_line(exc.public)
+
+    def _fail_unexpectedly(self, directory: str) -> None:
+        """For an exception no loader meant to raise: its traceback goes to the log, a generic reason to clients."""
+        log.exception("model %s not loaded: unexpected error", directory, extra={"model": directory})
+        self.failures[directory] = INTERNAL_FAILURE
 
     @classmethod
     def scan(cls, root: Path, only: frozenset[str] = frozenset()) -> Repository:
-        """Loads every `root/*/model.toml` (or only the directories named in `only`)."""
+        """Loads every `root/*/model.toml` (or only the directories named in `only`). No model file, however broken
+        or hostile, stops the others: each failure is logged and listed, and the rest are served."""
         repo = cls(models={}, failures={})
-        if not root.is_dir():
-            repo.failures[str(root)] = f"model directory {root} does not exist"
+        try:
+            entries = sorted(p for p in root.iterdir() if _has_config(p))
+        except OSError as exc:
+            problem = "does not exist" if not root.exists() else f"cannot be read ({exc.strerror})"
+            error = ModelLoadError(f"model directory {root} {problem}", public=f"the model repository {problem}")
+            repo._fail(root.name or str(root), error)
             return repo
-        for directory in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
-            if only and directory.name not in only:
+        directories = [d for d in entries if not only or d.name in only]
+        configs: dict[str, ModelConfig] = {}
+        for directory in directories:
+            try:
+                configs[directory.name] = ModelConfig.read(directory)
+            except ModelLoadError as exc:
+                repo._fail(directory.name, exc)
+            except Exception:  # a case the reader did not foresee: still one model only
+                repo._fail_unexpectedly(directory.name)
+        repo._refuse_conflicts(root, [d.name for d in directories], configs)
+        for directory in directories:
+            config = configs.get(directory.name)
+            if config is None:
                 continue
             try:
-                model = load_model(directory)
+                model = load_model(directory, config=config)
             except ModelLoadError as exc:
-                log.error("model %s not loaded: %s", directory.name, exc.message, extra={"model": directory.name})
-                repo.failures[directory.name] = exc.message
+                repo._fail(directory.name, exc)
                 continue
-            if model.info.name in repo.models:
-                repo.failures[directory.name] = f"duplicate model name {model.info.name!r}"
+            except Exception:  # a loader bug or a case it did not foresee (MemoryError...): still one model only
+                repo._fail_unexpectedly(directory.name)
                 continue
             repo.models[model.info.name] = model
             i = model.info
@@ -186,5 +240,24 @@ class Repository:
                 extra={"model": i.name},
             )
         for name in sorted(only - set(repo.models) - set(repo.failures)):
-            repo.failures[name] = f"no {name}/{CONFIG_FILE} under {root}"
+            error = ModelLoadError(f"no {name}/{CONFIG_FILE} under {root}", public=f"no {name}/{CONFIG_FILE} found")
+            repo._fail(name, error)
         return repo
+
+    def _refuse_conflicts(self, root: Path, directories: list[str], configs: dict[str, ModelConfig]) -> None:
+        """Two directories claiming one model name serve neither: whichever sorted first would otherwise win in
+        silence, and clients would get another model than the one they asked for. A directory whose model.toml did
+        not load claims its own name (the default), so a copy of it cannot take its place either."""
+        claims: dict[str, list[str]] = defaultdict(list)
+        for directory in directories:
+            config = configs.get(directory)
+            claims[config.name if config is not None else directory].append(directory)
+        for name, claimants in claims.items():
+            if len(claimants) < 2:
+                continue
+            for directory in claimants:
+                if configs.pop(directory, None) is None:
+                    continue  # already failed, with its own reason
+                others = ", ".join(repr(d) for d in claimants if d != directory)
+                problem = f"name conflict with directory {others}: each claims the model name {name!r}"
+                self._fail(directory, ModelLoadError(f"{root / directory}: {problem}", public=problem))

@@ -46,6 +46,7 @@ def test_serve_health_and_graceful_sigterm(tmp_path: Path) -> None:
     log: list[str] = []
     try:
         port = _wait_for_port(proc, log)
+        assert f"on 127.0.0.1:{port}, metrics off;" in log[-1]  # --metrics-port -1 (was "metrics on ...:0")
         health = subprocess.run(
             [*LSTM_SERVE, "health", "--target", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30
         )

@@ -22,8 +22,10 @@ from lstm_client.errors import (
     SequenceError,
     ServerError,
     SessionGone,
+    Unauthenticated,
     Unavailable,
 )
+from lstm_client.tls import TlsConfig
 
 __all__ = [
     "AlreadyExists",
@@ -44,5 +46,7 @@ __all__ = [
     "Session",
     "SessionGone",
     "SessionInfo",
+    "TlsConfig",
+    "Unauthenticated",
     "Unavailable",
 ]

@@ -139,6 +139,15 @@ def affinity(session_id: str | None) -> tuple[tuple[str, str], ...] | None:
     return None
 
 
+def call_metadata(session_id: str | None, auth: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...] | None:
+    """The metadata of every call a client makes: the session it is about (`affinity`) and the client's bearer token
+    (`auth`, from lstm_client.tls.auth_metadata)."""
+    about = affinity(session_id)
+    if not auth:
+        return about
+    return auth + about if about else auth
+
+
 async def write(call: Any, request: object) -> None:
     """Writes `request` on a grpc.aio stream call; a write the call can no longer take raises StreamBroken.
 

@@ -19,12 +19,14 @@ from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.client import DEFAULT_OPTIONS
 from lstm_client.errors import SessionGone, error_from_detail
 from lstm_client.tensor import FloatArray
+from lstm_client.tls import TlsConfig, auth_metadata, channel_security
 
 T = TypeVar("T")
 
 
 class AsyncClient:
-    """See `lstm_client.Client`; create it inside a running event loop."""
+    """See `lstm_client.Client` (the same options: timeout, retry, tls, token, credentials, ...); create it inside a
+    running event loop."""
 
     def __init__(
         self,
@@ -32,6 +34,8 @@ class AsyncClient:
         *,
         timeout: float = 10.0,
         retry: RetryPolicy = RetryPolicy(),
+        tls: bool | TlsConfig = False,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, int | str]] = DEFAULT_OPTIONS,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
@@ -40,10 +44,14 @@ class AsyncClient:
         self.timeout = timeout
         self.retry = retry
         self._on_retry: _retry.OnRetry | None = None  # told of every retry (the load generator counts them)
-        if credentials is None:
+        self._auth = auth_metadata(token)
+        secure, extra = channel_security(tls, credentials)
+        if secure is None:
             self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+            self._channel = grpc.aio.secure_channel(
+                target, secure, options=[*options, *extra], interceptors=interceptors
+            )
         self._stub = lstm_pb2_grpc.LstmServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def __aenter__(self) -> Self:
@@ -57,18 +65,21 @@ class AsyncClient:
 
     # The internal API of sessions, streams and the load generator; the same as `Client`'s, awaited.
 
+    def _metadata(self, session_id: str | None) -> tuple[tuple[str, str], ...] | None:
+        return _retry.call_metadata(session_id, self._auth)
+
     async def _run(self, attempt: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
         schedule = self.retry.schedule() if retry else None
         return await _retry.run_async(attempt, schedule, on_retry=self._on_retry)
 
     async def _invoke(self, method: str, request: object, *, affinity: str | None = None, retry: bool = True) -> Any:
         rpc = getattr(self._stub, method)
-        metadata = _retry.affinity(affinity)
+        metadata = self._metadata(affinity)
         return await self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
 
     def _open_stream(self, *, affinity: str | None) -> Any:
         """A new StreamSteps call, written to and read from by the caller."""
-        return self._stub.StreamSteps(metadata=_retry.affinity(affinity))
+        return self._stub.StreamSteps(metadata=self._metadata(affinity))
 
     async def list_models(self) -> list[ModelInfo]:
         return (await self.list_models_with_failures())[0]
@@ -86,7 +97,7 @@ class AsyncClient:
         request = _calls.create_session_request(model, ttl, session_id)
         if session_id is None:
             return AsyncSession(self, _calls.session_info(await self._invoke("CreateSession", request, retry=False)))
-        metadata = _retry.affinity(session_id)
+        metadata = self._metadata(session_id)
         failed_before = False
 
         async def attempt() -> Any:

@@ -18,6 +18,7 @@ from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.errors import SessionGone, error_from_detail
 from lstm_client.tensor import FloatArray
+from lstm_client.tls import TlsConfig, auth_metadata, channel_security
 
 T = TypeVar("T")
 
@@ -37,7 +38,11 @@ class Client:
     `timeout` is the deadline of each attempt, in seconds. Calls failing with UNAVAILABLE or DEADLINE_EXCEEDED, and
     step streams that break, are retried under `retry` (by default for up to 10 s, enough to outlast a replica
     restart or a failover); that is safe for steps because each is resent with its original seq and the server
-    never applies one twice. `interceptors` (auth, tracing, ...) wrap every call.
+    never applies one twice. `interceptors` (tracing, ...) wrap every call.
+
+    Security: `tls=True` connects over TLS trusting the system's roots, `tls=TlsConfig(ca=..., cert=..., key=...)`
+    with a private CA and, for mutual TLS, a client certificate (or pass ready `credentials`). `token` is sent as
+    `authorization: Bearer <token>` on every call, for a server run with --tokens-file.
     """
 
     def __init__(
@@ -46,6 +51,8 @@ class Client:
         *,
         timeout: float = 10.0,
         retry: RetryPolicy = RetryPolicy(),
+        tls: bool | TlsConfig = False,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, int | str]] = DEFAULT_OPTIONS,
         interceptors: Sequence[
@@ -56,10 +63,12 @@ class Client:
         self.timeout = timeout
         self.retry = retry
         self._on_retry: _retry.OnRetry | None = None  # told of every retry (the load generator counts them)
-        if credentials is None:
+        self._auth = auth_metadata(token)
+        secure, extra = channel_security(tls, credentials)
+        if secure is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(target, secure, options=[*options, *extra])
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._stub = lstm_pb2_grpc.LstmServiceStub(channel)  # type: ignore[no-untyped-call]
 
@@ -74,6 +83,10 @@ class Client:
 
     # The internal API of sessions and streams: they name the RPC and the session; the stub stays in here.
 
+    def _metadata(self, session_id: str | None) -> tuple[tuple[str, str], ...] | None:
+        """Every call's metadata: its session (affinity) and the bearer token."""
+        return _retry.call_metadata(session_id, self._auth)
+
     def _run(self, attempt: Callable[[], T], *, retry: bool = True) -> T:
         """`attempt` under this client's retry policy; failures end as LstmError."""
         schedule = self.retry.schedule() if retry else None
@@ -82,12 +95,12 @@ class Client:
     def _invoke(self, method: str, request: object, *, affinity: str | None = None, retry: bool = True) -> Any:
         """A unary call by RPC name; `affinity` is the session it is about (sent as the x-session-id header)."""
         rpc = getattr(self._stub, method)
-        metadata = _retry.affinity(affinity)
+        metadata = self._metadata(affinity)
         return self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
 
     def _open_stream(self, requests: Iterator[lstm_pb2.StepRequest], *, affinity: str) -> Any:
         """A new StreamSteps call fed from `requests`; its replies are iterated."""
-        return self._stub.StreamSteps(requests, metadata=_retry.affinity(affinity))
+        return self._stub.StreamSteps(requests, metadata=self._metadata(affinity))
 
     def list_models(self) -> list[ModelInfo]:
         return self.list_models_with_failures()[0]
@@ -111,7 +124,7 @@ class Client:
         request = _calls.create_session_request(model, ttl, session_id)
         if session_id is None:
             return Session(self, _calls.session_info(self._invoke("CreateSession", request, retry=False)))
-        metadata = _retry.affinity(session_id)
+        metadata = self._metadata(session_id)
         failed_before = False
 
         def attempt() -> Any:

@@ -6,7 +6,9 @@ LstmError
 │   └── SessionGone        the session existed and ended: closed, expired, evicted, model_changed (.reason)
 ├── AlreadyExists          a client-chosen session id is taken
 ├── SequenceError          the step's seq is not the one the server expects (see .expected_seq)
-├── ResourceExhausted      a server limit (message size, steps per request, concurrent calls)
+├── ResourceExhausted      a server limit (message size, steps per request, concurrent calls, sessions or
+│                          requests per tenant: .reason "capacity" / "rate_limited")
+├── Unauthenticated        no bearer token, or one the server does not accept (Client(token=...))
 ├── Unavailable            server unreachable or shutting down (after the client's own retries)
 ├── DeadlineExceeded       the call's deadline passed (after the client's own retries)
 └── ServerError            anything else the server reports (INTERNAL, UNKNOWN, ...)
@@ -65,6 +67,10 @@ class ResourceExhausted(LstmError):
     pass
 
 
+class Unauthenticated(LstmError):
+    pass
+
+
 class Unavailable(LstmError):
     pass
 
@@ -83,6 +89,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: SequenceError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }

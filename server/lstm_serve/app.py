@@ -32,6 +32,8 @@ from lstm_serve.engine.repository import Repository
 from lstm_serve.errors import StoreUnavailable
 from lstm_serve.metrics import Metrics
 from lstm_serve.service import CallLimits, Calls, LstmServicer
+from lstm_serve.service.auth import AuthInterceptor, TokenFileError, Tokens
+from lstm_serve.service.tls import CertificateFiles, TlsError
 from lstm_serve.sessions import CapacityPolicy, EndReason, MemorySessionStore, SessionStore
 from lstm_serve.sessions import snapshot as snapshots
 from lstm_serve.sessions.memory import Ended
@@ -101,6 +103,7 @@ class App:
         s = self.settings
         # More BLAS threads than cores fight the event loop for the 2 CPUs (see docs/performance.md).
         threadpool_limits(limits=1)
+        tokens, credentials = self._tokens(), self._credentials()  # before the (slow) models: a bad file stops at once
         repository = await _in_daemon_thread(Repository.scan, s.model_dir, frozenset(s.models))
         store = self._store = self._build_store()
         if s.snapshot is not None and isinstance(store, MemorySessionStore):
@@ -113,10 +116,16 @@ class App:
             max_batch_wait=s.max_batch_wait,
             inline_max_parameters=s.inline_max_parameters,
             inline_max_steps=s.inline_max_steps,
+            max_sessions_per_tenant=s.max_sessions_per_tenant,
         )
         self._plane = DataPlane(repository, store, self.metrics, limits, self._executor)
 
+        call_limits = CallLimits(
+            s.max_concurrent_rpcs, s.max_calls_per_peer, s.stream_idle_timeout, s.tenant_rate, s.tenant_burst
+        )
+        self._calls = Calls(self.metrics, call_limits)  # the gate of lstm.v1 calls; health is outside it
         server = grpc.aio.server(
+            interceptors=[AuthInterceptor(tokens, self._calls)] if tokens is not None else [],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -125,8 +134,6 @@ class App:
             ],
         )
         self._server = server  # stopped by stop() even if it never starts
-        call_limits = CallLimits(s.max_concurrent_rpcs, s.max_calls_per_peer, s.stream_idle_timeout)
-        self._calls = Calls(self.metrics, call_limits)  # the gate of lstm.v1 calls; health is outside it
         LstmServicer(self._plane, self._calls).register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -134,7 +141,10 @@ class App:
             server,
         )
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            if credentials is not None:
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", credentials)
+            else:
+                self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -151,15 +161,39 @@ class App:
         if store.shared:
             self._watcher = asyncio.create_task(self._watch_store(), name="store-watcher")
         log.info(
-            "serving %d model(s) %s on %s:%d, metrics %s; sessions in %s%s",
+            "serving %d model(s) %s on %s:%d%s, metrics %s; sessions in %s%s",
             len(repository.models),
             sorted(repository.models),
             s.host,
             self.port,
+            _security(s, tokens),
             f"on {s.metrics_host}:{self.metrics_port}" if s.metrics_port >= 0 else "off",
             "memory" if not store.shared else s.store.split("@")[-1],  # never log a password in the URL
             f"; NOT loaded: {repository.failures}" if repository.failures else "",
         )
+
+    def _tokens(self) -> Tokens | None:
+        s = self.settings
+        if not s.authenticated:
+            return None
+        try:
+            tokens = Tokens(s.tokens_file, s.tokens)
+        except TokenFileError as exc:
+            raise StartupError(str(exc)) from None
+        if not len(tokens):
+            log.warning("no tokens in %s: every lstm.v1 call will be refused UNAUTHENTICATED", s.tokens_file)
+        if s.tls_cert is None and s.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("bearer tokens without TLS (--tls-cert): tokens cross the network in clear text")
+        return tokens
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        try:
+            return CertificateFiles(s.tls_cert, s.tls_key, s.tls_client_ca).credentials()
+        except TlsError as exc:
+            raise StartupError(str(exc)) from None
 
     def _build_store(self) -> SessionStore:
         s = self.settings
@@ -322,3 +356,13 @@ class App:
         log.info("shutting down: %.1f s for in-flight calls", self.settings.shutdown_grace)
         await self.stop()
         log.info("stopped")
+
+
+def _security(s: Settings, tokens: Tokens | None) -> str:
+    """ " (mutual TLS, tokens of 3 tenants)" for the start-up line."""
+    parts = []
+    if s.tls_cert is not None:
+        parts.append("mutual TLS" if s.tls_client_ca is not None else "TLS")
+    if tokens is not None:
+        parts.append(f"tokens of {len(tokens.tenants)} tenant(s)")
+    return f" ({', '.join(parts)})" if parts else ""

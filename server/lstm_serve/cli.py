@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -153,7 +154,21 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    from lstm_client.tls import TlsConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("lstm-serve health: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
+            tls = TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+            channel = grpc.secure_channel(args.target, tls.credentials(), options=tls.options())
+        else:
+            channel = grpc.insecure_channel(args.target)
+    except OSError as exc:
+        print(f"lstm-serve health: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -216,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default="127.0.0.1:50051")
     health.add_argument("--service", default="", help="service name; empty = the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
+    # TLS options default from the environment, so that an image's fixed HEALTHCHECK command works once TLS is on
+    health.add_argument("--tls", action="store_true", help="connect over TLS (implied by the options below)")
+    for option, meaning in (
+        ("ca", "CA certificate(s) of the server's certificate (default: the system's roots)"),
+        ("cert", "client certificate chain, for a server requiring mutual TLS"),
+        ("key", "the client certificate's private key"),
+        ("server-name", "check the server's certificate for this name instead of the target's host"),
+    ):
+        env = f"LSTM_SERVE_HEALTH_TLS_{option.upper().replace('-', '_')}"
+        health.add_argument(f"--tls-{option}", default=os.environ.get(env) or None, help=f"{meaning} [env {env}]")
     health.set_defaults(func=_health)
     reference = sub.add_parser("settings-reference", help="print the configuration table of docs/operations.md")
     reference.set_defaults(func=_reference)

@@ -100,6 +100,41 @@ class Settings(BaseSettings):
         description="Requests of more time steps than this compute in the compute threads even for small models, so "
         "that long requests never hold the event loop.",
     )
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain of the gRPC port: serve TLS (with --tls-key). Re-read when the file "
+        "changes, for new connections.",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA certificate(s): require every client to present a certificate they signed (mutual TLS; "
+        "needs --tls-cert).",
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="Require a bearer token on lstm.v1 calls: lines 'tenant:sha256-hex-of-token' (docs/security.md); "
+        "re-read when it changes. Unset (and no --tokens): no authentication.",
+    )
+    tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More 'tenant:sha256-hex' entries, comma-separated, added to --tokens-file's.",
+    )
+    max_sessions_per_tenant: int = Field(
+        0,
+        ge=0,
+        description="Live sessions at most per tenant, store-wide; more are refused (RESOURCE_EXHAUSTED). 0 = no "
+        "limit. Without tokens all clients are one tenant.",
+    )
+    tenant_rate: float = Field(
+        0.0,
+        ge=0,
+        description="Requests per second per tenant and process (unary calls and stream requests), a token bucket; "
+        "more are refused (RESOURCE_EXHAUSTED, reason rate_limited). 0 = no limit.",
+    )
+    tenant_burst: int = Field(
+        0, ge=0, description="Requests a tenant may send at once above --tenant-rate; 0 = one second's worth."
+    )
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Log one JSON object per line.")
@@ -120,13 +155,21 @@ class Settings(BaseSettings):
             )
         if self.snapshot is not None and self.store != "memory":
             raise ValueError("snapshot is for the memory store; Redis keeps sessions itself (see its persistence)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
+
+    @property
+    def authenticated(self) -> bool:
+        return self.tokens_file is not None or bool(self.tokens)
 
     @property
     def shared_store(self) -> bool:
         return self.store != "memory"
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "tokens", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         """LSTM_SERVE_MODELS=a,b reads as ["a", "b"]."""

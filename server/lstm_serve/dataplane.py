@@ -10,7 +10,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,17 @@ from lstm_serve.errors import (
 )
 from lstm_serve.keyed_lock import KeyedLock
 from lstm_serve.metrics import Metrics
-from lstm_serve.sessions import CommitResult, EndReason, Session, SessionStore, StepWrite, input_digest
+from lstm_serve.sessions import (
+    CommitResult,
+    EndReason,
+    Session,
+    SessionStore,
+    StepWrite,
+    input_digest,
+    new_session_id,
+    session_key,
+)
+from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a transport may call a tenant
 from lstm_serve.sessions.store import LoadResult
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
@@ -45,6 +55,7 @@ class Limits:
     max_batch_wait: float = 0.0
     inline_max_parameters: int = 200_000
     inline_max_steps: int = 32
+    max_sessions_per_tenant: int = 0  # store-wide; 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,32 +144,49 @@ class DataPlane:
         return model
 
     # --- sessions -----------------------------------------------------------------------------------------------
+    #
+    # Every session method takes the caller's `tenant` (from the transport's authentication; "" on a server without
+    # tokens): a tenant's session `id` lives under the store key f"{tenant}/{id}" (sessions.session_key), so a tenant
+    # can neither see nor touch another's sessions, and learns nothing of them either: another tenant's id answers
+    # exactly as an id that never existed. The sessions returned, and every message, name the client's own id.
 
-    async def create_session(self, model_name: str, session_id: str | None, idle_ttl: float | None) -> Session:
+    async def create_session(
+        self, model_name: str, session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+    ) -> Session:
         if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
             raise InvalidInput(f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}")
         self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
-        session = await self.store.create(model_name, self._zero_states[model_name], session_id, idle_ttl)
+        client_id = session_id or new_session_id()
+        session = await self.store.create(
+            model_name,
+            self._zero_states[model_name],
+            session_key(tenant, client_id),
+            idle_ttl,
+            tenant_limit=self.limits.max_sessions_per_tenant,
+        )
         self.metrics.sessions_created.labels(model=model_name).inc()
-        return session
+        return _as_seen_by_client(session, client_id)
 
-    async def get_session(self, session_id: str) -> Session:
-        return await self._load(session_id, fresh=True)
+    async def get_session(self, session_id: str, *, tenant: str = "") -> Session:
+        key = session_key(tenant, session_id)
+        return _as_seen_by_client(await self._load(key, session_id, fresh=True), session_id)
 
-    async def reset_session(self, session_id: str) -> Session:
-        await self._locks.acquire(session_id)  # never between the compute and the commit of a step
+    async def reset_session(self, session_id: str, *, tenant: str = "") -> Session:
+        key = session_key(tenant, session_id)
+        await self._locks.acquire(key)  # never between the compute and the commit of a step
         try:
-            session = await self._load(session_id, fresh=True)
-            return await self.store.reset(session_id, self._zero_states[session.model])
+            session = await self._load(key, session_id, fresh=True)
+            return _as_seen_by_client(await self.store.reset(key, self._zero_states[session.model]), session_id)
         finally:
-            self._locks.release(session_id)
+            self._locks.release(key)
 
-    async def close_session(self, session_id: str) -> Session:
-        await self._locks.acquire(session_id)
+    async def close_session(self, session_id: str, *, tenant: str = "") -> Session:
+        key = session_key(tenant, session_id)
+        await self._locks.acquire(key)
         try:
-            return await self.store.close(session_id)
+            return _as_seen_by_client(await self.store.close(key), session_id)
         finally:
-            self._locks.release(session_id)
+            self._locks.release(key)
 
     async def sweep(self) -> int:
         """Ends idle-expired sessions and refreshes the live-session gauge from the store (store-wide with Redis)."""
@@ -169,25 +197,26 @@ class DataPlane:
         self.metrics.session_store_bytes.set(await self.store.size_bytes())
         return ended
 
-    async def _load(self, session_id: str, *, fresh: bool) -> Session:
-        """The session, checked against its model: a record that no longer fits the model's state shape (the model
-        was replaced by another of a different size) ends the session with a clear reason instead of being misread."""
+    async def _load(self, key: str, session_id: str, *, fresh: bool) -> Session:
+        """The session under `key` (`session_id` is the client's name for it), checked against its model: a record
+        that no longer fits the model's state shape (the model was replaced by another of a different size) ends the
+        session with a clear reason instead of being misread."""
         if fresh:
-            [found] = await self.store.load([session_id], fresh=True)
+            [found] = await self.store.load([key], fresh=True)
         else:
-            found = await self._read(session_id)
+            found = await self._read(key)
         if isinstance(found, SessionNotFound):
             raise found
         model = self.repository.models.get(found.model)
         if model is not None and not found.fits(model.info.state_shape, model.info.output_size):
             detail = f"(model {found.model!r} changed its state shape to {list(model.info.state_shape)})"
-            await self.store.end(session_id, EndReason.MODEL_CHANGED, detail)
+            await self.store.end(key, EndReason.MODEL_CHANGED, detail)
             raise SessionNotFound(f"session {session_id!r} ended: {detail}", EndReason.MODEL_CHANGED.value)
         return found
 
     # --- steps --------------------------------------------------------------------------------------------------
 
-    async def step(self, session_id: str, seq: int, x: F32) -> StepOutcome:
+    async def step(self, session_id: str, seq: int, x: F32, *, tenant: str = "") -> StepOutcome:
         """Applies x ((I,) or (T, I)) as step `seq` of the session, exactly once.
 
         The session lock keeps this process's steps of one session in order; the store's compare-and-set on the
@@ -197,9 +226,10 @@ class DataPlane:
         step was applied elsewhere, so its stored reply is replayed). The state is replaced only by a commit, so a
         failure or a cancelled call changes nothing.
         """
-        await self._locks.acquire(session_id)
+        key = session_key(tenant, session_id)
+        await self._locks.acquire(key)
         try:
-            session = await self._load(session_id, fresh=False)
+            session = await self._load(key, session_id, fresh=False)
             model = self.model(session.model)
             info = model.info
             xs, single = self._check_inputs(x, info)
@@ -208,31 +238,31 @@ class DataPlane:
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 if seq != session.seq + 1:
                     if not fresh:  # a cached record may lag behind the store: look before refusing or replaying
-                        session, fresh = await self._load(session_id, fresh=True), True
+                        session, fresh = await self._load(key, session_id, fresh=True), True
                         continue
-                    outputs = self._replay(session, seq, digest, info)
-                    return StepOutcome(session.id, seq, outputs[0] if single else outputs)
+                    outputs = self._replay(session, session_id, seq, digest, info)
+                    return StepOutcome(session_id, seq, outputs[0] if single else outputs)
                 ys, new_state = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
                 outputs = ys[0] if single else ys
                 after = session.stepped(seq, new_state, outputs, digest, time.time())
                 result = await self._commit(StepWrite(session, after))
                 if isinstance(result, Session):
                     self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
-                    return StepOutcome(session.id, seq, outputs)
+                    return StepOutcome(session_id, seq, outputs)
                 if isinstance(result, LstmServeError):  # ended while computing, or no room for its record
                     raise result
                 self.metrics.child(self.metrics.commit_conflicts, info.name).inc()
                 session, fresh = result.current, True
             raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
         finally:
-            self._locks.release(session_id)
+            self._locks.release(key)
 
-    def _replay(self, session: Session, seq: int, digest: bytes, info: ModelInfo) -> F32:
+    def _replay(self, session: Session, session_id: str, seq: int, digest: bytes, info: ModelInfo) -> F32:
         """The stored reply of a retried step, or the reason the step cannot be applied."""
         last = session.last_reply(info.state_shape, info.output_size) if seq == session.seq else None
         if last is None:
             raise SequenceMismatch(
-                f"seq {seq} is out of order: session {session.id!r} has applied seq {session.seq}, "
+                f"seq {seq} is out of order: session {session_id!r} has applied seq {session.seq}, "
                 f"the next step must carry seq {session.seq + 1}",
                 expected_seq=session.seq + 1,
             )
@@ -288,3 +318,8 @@ class DataPlane:
             bad = np.argwhere(~np.isfinite(xs))[0]
             raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
         return xs, single
+
+
+def _as_seen_by_client(session: Session, session_id: str) -> Session:
+    """The session named by its client's id rather than its store key."""
+    return session if session.id == session_id else replace(session, id=session_id)

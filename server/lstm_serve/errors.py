@@ -61,9 +61,22 @@ class StoreUnavailable(LstmServeError):
 
 
 class CapacityExceeded(LstmServeError):
-    """Creating a session would pass --max-sessions and the policy is to refuse rather than evict."""
+    """Creating a session would pass --max-sessions and the policy is to refuse rather than evict, or would pass
+    --max-sessions-per-tenant."""
 
     reason = "capacity"
+
+
+class Unauthenticated(LstmServeError):
+    """The call carries no bearer token, or one the server does not know (--tokens-file)."""
+
+    reason = "unauthenticated"
+
+
+class RateLimited(LstmServeError):
+    """The caller's tenant sent more requests than --tenant-rate allows (its bucket is empty); retry later."""
+
+    reason = "rate_limited"
 
 
 class ModelLoadError(LstmServeError):

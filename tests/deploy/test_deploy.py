@@ -55,14 +55,49 @@ def _dashboard_exprs() -> list[str]:
     return [t["expr"] for p in _dashboard()["panels"] for t in p["targets"]]
 
 
-def test_compose_file_is_valid() -> None:
+PUBLISH_VARIABLES = ("LSTM_SERVE_PUBLISH", "PROMETHEUS_PUBLISH", "GRAFANA_PUBLISH")
+
+
+def _compose_config(**env: str) -> str:
     compose = _tool("docker-compose")
+    environ = {k: v for k, v in os.environ.items() if k not in PUBLISH_VARIABLES} | env
     result = subprocess.run(
-        [compose, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True, text=True, timeout=60
+        [compose, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
     )
     assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _published(config: str) -> list[str]:
+    """The entries of every `ports:` list in `docker-compose config`'s output ("127.0.0.1:50051:50051/tcp")."""
+    entries, in_ports = [], False
+    for line in config.splitlines():
+        if line.strip() == "ports:":
+            in_ports = True
+        elif in_ports and line.lstrip().startswith("- "):
+            entries.append(line.strip()[2:].strip("'\""))
+        else:
+            in_ports = False
+    return entries
+
+
+def test_compose_file_is_valid() -> None:
+    config = _compose_config()
     for service in ("lstm-serve:", "prometheus:", "grafana:"):
-        assert service in result.stdout
+        assert service in config
+
+
+def test_compose_publishes_every_port_on_loopback_only_unless_told_otherwise() -> None:
+    published = _published(_compose_config())
+    assert len(published) == 4, published
+    assert all(entry.startswith("127.0.0.1:") for entry in published), published
+    opened = _published(_compose_config(LSTM_SERVE_PUBLISH="0.0.0.0"))  # the documented override
+    assert "0.0.0.0:50051:50051/tcp" in opened
+    assert sum(entry.startswith("127.0.0.1:") for entry in opened) == 3  # metrics, Prometheus, Grafana stay local
 
 
 def test_promtool_accepts_config_and_rules() -> None:

@@ -233,6 +233,36 @@ async def test_refuse_policy_keeps_everyone(make_store: Made) -> None:
     assert ended == [("m", EndReason.CLOSED)]
 
 
+async def test_tenant_keys_are_counted_per_tenant_and_never_shown(make_store: Made) -> None:
+    """Keys "tenant/id" (sessions.session_key): a limit per tenant, store-wide, that every way of ending a session gives
+    back; messages name the client's id only."""
+    make, _ = make_store
+    store = make(max_sessions=10, default_ttl=0.3)
+    await store.create("m", ZERO, "acme/a", None, tenant_limit=2)
+    await store.create("m", ZERO, "acme/b", 0.0, tenant_limit=2)
+    with pytest.raises(CapacityExceeded, match="your tenant holds 2 live sessions") as full:
+        await store.create("m", ZERO, "acme/c", None, tenant_limit=2)
+    assert "acme" not in full.value.message
+    await store.create("m", ZERO, "other/a", 0.0, tenant_limit=2)  # another tenant, the same client id
+    await store.create("m", ZERO, "plain", 0.0, tenant_limit=2)  # the anonymous tenant "" is one more tenant
+    with pytest.raises(SessionExists) as exists:
+        await store.create("m", ZERO, "acme/a", None, tenant_limit=2)
+    assert exists.value.message == "session 'a' already exists"
+    await asyncio.sleep(0.4)  # acme/a expires (unswept): its place is free
+    await store.create("m", ZERO, "acme/c", None, tenant_limit=2)
+    await store.close("acme/c")
+    await store.end("acme/b", EndReason.MODEL_CHANGED, "(changed)")
+    for name in ("d", "e"):
+        await store.create("m", ZERO, f"acme/{name}", 0.0, tenant_limit=2)
+    gone_ones = (("acme/c", "'c' was closed"), ("acme/a", "'a' was expired"), ("acme/zz", "unknown session 'zz'"))
+    for key, shown in gone_ones:
+        with pytest.raises(SessionNotFound) as gone:
+            await _get(store, key)
+        assert shown in gone.value.message
+        assert "acme" not in gone.value.message
+    assert (await _get(store, "other/a")).id == "other/a"
+
+
 async def test_end_for_a_server_reason(make_store: Made) -> None:
     make, ended = make_store
     store = make()

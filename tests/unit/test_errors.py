@@ -34,6 +34,9 @@ def test_every_domain_error_has_a_status_code() -> None:
         (errors.SequenceMismatch("x", expected_seq=7), client_errors.SequenceError),
         (errors.LimitExceeded("x"), client_errors.ResourceExhausted),
         (errors.ShuttingDown("x"), client_errors.Unavailable),
+        (errors.Unauthenticated("x"), client_errors.Unauthenticated),
+        (errors.RateLimited("x"), client_errors.ResourceExhausted),
+        (errors.CapacityExceeded("x"), client_errors.ResourceExhausted),
         (errors.ModelLoadError("x"), client_errors.ServerError),
     ],
 )

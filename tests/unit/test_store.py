@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lstm_serve.errors import CapacityExceeded, InvalidInput, SessionExists, SessionNotFound
-from lstm_serve.sessions import CapacityPolicy, EndReason, MemorySessionStore, Session, StepWrite
+from lstm_serve.sessions import CapacityPolicy, EndReason, MemorySessionStore, Session, StepWrite, validate_session_id
 
 
 class Clock:
@@ -156,9 +156,13 @@ async def test_client_ids_are_checked_and_unique(clock: Clock) -> None:
     await store.create("m", _state(), "device-17:a.b", None)
     with pytest.raises(SessionExists):
         await store.create("m", _state(), "device-17:a.b", None)
-    for bad in ("has space", "x" * 129, "ümlaut", "a/b"):
+    # a store key may carry a tenant prefix ("acme/b", see session_key), but no more than one, and a valid one
+    for bad in ("has space", "x" * 129, "ümlaut", "a/b/c", "/b", "a:b/c", "t" * 65 + "/b"):
         with pytest.raises(InvalidInput):
             await store.create("m", _state(), bad, None)
+    for bad in ("a/b", "/b"):  # ... which no client id holds
+        with pytest.raises(InvalidInput):
+            validate_session_id(bad)
     await store.close("device-17:a.b")
     assert (await store.create("m", _state(), "device-17:a.b", None)).seq == 0  # a closed id may be used again
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
 from lstm_client import RetryPolicy, __version__
 from lstm_client.errors import LstmError
 from lstm_client.loadtest.runner import LoadConfig, run_load
+from lstm_client.tls import TlsConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a failed call (UNAVAILABLE, deadline, broken stream) is retried; 0: never "
         f"(default {RetryPolicy().budget:g})",
     )
+    p.add_argument("--tls", action="store_true", help="connect over TLS (trusting the system's roots unless --tls-ca)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) of the server's certificate (implies --tls)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate chain, for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+    p.add_argument("--tls-server-name", metavar="NAME", help="check the server's certificate for this name")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("LSTM_TOKEN"),
+        help="bearer token sent on every call (default: $LSTM_TOKEN, which keeps it out of the process list)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--verify", action="store_true", help="check every session's outputs against Predict afterwards")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
@@ -52,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.retry_budget < 0:
         print("lstm-loadtest: --retry-budget must be >= 0", file=sys.stderr)
         return 2
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("lstm-loadtest: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls: bool | TlsConfig = False
+    if args.tls_ca or args.tls_cert or args.tls_server_name:
+        tls = TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    elif args.tls:
+        tls = True
     config = LoadConfig(
         target=args.target,
         model=args.model,
@@ -67,9 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         record=args.verify,
         progress=0.0 if args.quiet or args.json else 1.0,
+        tls=tls,
+        token=args.token or None,
     )
     try:
         result = asyncio.run(run_load(config))
+    except OSError as exc:  # a certificate file that cannot be read
+        print(f"lstm-loadtest: {exc}", file=sys.stderr)
+        return 2
     except LstmError as exc:
         print(f"lstm-loadtest: {args.target}: {type(exc).__name__}: {exc.message}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import math
 import secrets
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import grpc
@@ -27,6 +27,7 @@ from lstm_client.aio import AsyncClient
 from lstm_client.errors import LstmError, error_from_detail
 from lstm_client.loadtest.report import LoadResult, SessionRecord
 from lstm_client.tensor import FloatArray, from_tensor
+from lstm_client.tls import TlsConfig
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,14 @@ class LoadConfig:
     seed: int = 0
     record: bool = False  # keep every input and output (for verification)
     progress: float = 0.0  # seconds between progress lines on stderr; 0 = none
+    tls: bool | TlsConfig = False  # see lstm_client.Client
+    token: str | None = field(default=None, repr=False)  # bearer token; never printed
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        values = asdict(self)
+        values["tls"] = self.tls is not False
+        values["token"] = None if self.token is None else "***"
+        return values
 
 
 INPUT_POOL = 16  # distinct random inputs per session, used in turn; enough to make each session's sequence its own
@@ -82,7 +88,8 @@ class _Run:
 async def run_load(config: LoadConfig) -> LoadResult:
     result = LoadResult()
     retry = RetryPolicy(budget=config.retry_budget)
-    async with AsyncClient(config.target, timeout=config.timeout, retry=retry) as client:
+    client = AsyncClient(config.target, timeout=config.timeout, retry=retry, tls=config.tls, token=config.token)
+    async with client:
         client._on_retry = result.retried
         info = await client.get_model(config.model)
         runs = await _create_sessions(client, config, info.input_size)

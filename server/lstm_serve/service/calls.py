@@ -1,6 +1,10 @@
 """What every RPC of the transport shares, in one place: admission (limits per peer and overall, the drain at
 shutdown), parsing the request bytes, timing, metrics, logging, and mapping domain errors to a status.
 
+The caller's tenant (TENANT, set by the authentication interceptor in service/auth.py; "" on a server without tokens)
+is read here too: each tenant has a request budget (--tenant-rate), and the servicer hands the tenant to the data
+plane, which keeps every tenant's sessions apart.
+
 Requests arrive as raw bytes and are parsed here, so that a malformed message is the client's error
 (INVALID_ARGUMENT, counted and logged like any refusal) instead of grpc's UNKNOWN with a traceback. The health service
 is outside this gate: no number of calls or streams here can starve it, so an orchestrator never restarts a server
@@ -10,6 +14,7 @@ is outside this gate: no number of calls or streams here can starve it, so an or
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import Counter
@@ -21,7 +26,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
-from lstm_serve.errors import InvalidInput, LimitExceeded, LstmServeError, ShuttingDown
+from lstm_serve.errors import InvalidInput, LimitExceeded, LstmServeError, RateLimited, ShuttingDown
 from lstm_serve.logs import RateLimitedLog
 from lstm_serve.metrics import Metrics
 from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
@@ -33,12 +38,46 @@ Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 REQUEST_ID_KEY = "x-request-id"
 
+# The authenticated tenant of the call being handled: set by service/auth.py's interceptor in the call's own task
+# (grpc.aio runs the interceptors and the handler of one call in one task, so it holds for the whole call and for the
+# tasks the call starts); "" when the server does not authenticate.
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("lstm_serve_tenant", default="")
+
 
 @dataclass(frozen=True, slots=True)
 class CallLimits:
     max_calls: int = 1024  # unary calls in progress plus open streams, over all clients
     max_calls_per_peer: int = 256  # the same, per client address (behind a proxy: per proxy)
     stream_idle_timeout: float = 300.0  # a stream that sends nothing for this long is ended (0 = never)
+    tenant_rate: float = 0.0  # requests per second per tenant (unary calls and stream requests); 0 = no limit
+    tenant_burst: int = 0  # requests at once above the rate; 0 = one second's worth
+
+
+class TenantRates:
+    """A token bucket per tenant, in this process: `rate` requests a second on average, `burst` at once. Tenants
+    come from the tokens file (or are the one anonymous tenant), so the buckets are few."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = float(burst) if burst > 0 else max(1.0, rate)
+        self._clock = clock
+        self._buckets: dict[str, list[float]] = {}  # tenant -> [tokens, when last filled]
+
+    def take(self, tenant: str) -> None:
+        """Takes one request's token, or raises RateLimited saying when one will be there."""
+        now = self._clock()
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = [self.burst, now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            wait = (1.0 - tokens) / self.rate
+            raise RateLimited(
+                f"your tenant sent more than its {self.rate:g} requests/s (burst {self.burst:g}); retry in {wait:.3f} s"
+            )
+        bucket[0] = tokens - 1.0
 
 
 def request_id(context: Context) -> str | None:
@@ -73,14 +112,18 @@ class Calls:
         self._idle = asyncio.Event()  # set when nothing is in flight
         self._idle.set()
         self._refusals = RateLimitedLog(log, per_second=20.0, burst=100)
+        self._rates = TenantRates(limits.tenant_rate, limits.tenant_burst) if limits.tenant_rate > 0 else None
 
     # --- admission ----------------------------------------------------------------------------------------------
 
-    def enter(self, peer: str) -> None:
+    def enter(self, peer: str, *, request: bool = True) -> None:
         """Admits a call or raises: UNAVAILABLE while draining (the client retries elsewhere), RESOURCE_EXHAUSTED
-        over a limit."""
+        over a limit. `request`: the call is a request of its own (a unary call; a stream pays for each of its
+        requests with `charge` instead)."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry (another replica, or this one once restarted)")
+        if request:
+            self.charge()
         if self._in_flight >= self.limits.max_calls:
             raise LimitExceeded(f"the server has {self._in_flight} calls in progress, its limit; retry later")
         if self._per_peer[peer] >= self.limits.max_calls_per_peer:
@@ -90,6 +133,11 @@ class Calls:
         self._in_flight += 1
         self._per_peer[peer] += 1
         self._idle.clear()
+
+    def charge(self) -> None:
+        """One request of the call's tenant against its rate (--tenant-rate); raises RateLimited over it."""
+        if self._rates is not None:
+            self._rates.take(TENANT.get())
 
     def leave(self, peer: str) -> None:
         self._in_flight -= 1
@@ -140,6 +188,7 @@ class Calls:
         async def behaviour(data: bytes, context: Context) -> Resp:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            counted: float | None = None
             request: Req | None = None
             peer = peer_host(context)
             try:
@@ -153,6 +202,7 @@ class Calls:
                 code = status_code(exc)
                 context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
                 self.refused(method, request, request_id(context), code, exc.message)
+                counted = self.finished(method, code, start)  # before the client can see the status (and scrape)
                 await context.abort(code, exc.message)
                 raise  # abort() raises; this line only satisfies the type checker
             except asyncio.CancelledError:
@@ -161,10 +211,12 @@ class Calls:
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 self.failed(method, request, context)
+                counted = self.finished(method, code, start)
                 await context.abort(code, INTERNAL_MESSAGE)
                 raise
             finally:
-                self.finished(method, code, start)
+                if counted is None:
+                    self.finished(method, code, start)
 
         return behaviour
 
@@ -183,6 +235,7 @@ class Calls:
             "session_id": getattr(request, "session_id", None) or None,
             "seq": getattr(request, "seq", None),
             "request_id": rid,
+            "tenant": TENANT.get() or None,
         }
         self._refusals.info("%s %s: %s", method, code.name, message, extra=fields)
 

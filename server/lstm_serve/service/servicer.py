@@ -19,7 +19,7 @@ from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_serve.dataplane import DataPlane
 from lstm_serve.errors import LstmServeError, ShuttingDown
 from lstm_serve.service import codec
-from lstm_serve.service.calls import Calls, Context, parse, peer_host, request_id
+from lstm_serve.service.calls import TENANT, Calls, Context, parse, peer_host, request_id
 from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
 
 log = logging.getLogger(__name__)
@@ -66,24 +66,24 @@ class LstmServicer:
 
     async def CreateSession(self, request: lstm_pb2.CreateSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
         ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
-        session = await self.plane.create_session(request.model, request.session_id or None, ttl)
+        session = await self.plane.create_session(request.model, request.session_id or None, ttl, tenant=TENANT.get())
         return codec.session_info(session)
 
     async def GetSession(self, request: lstm_pb2.GetSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
-        return codec.session_info(await self.plane.get_session(request.session_id))
+        return codec.session_info(await self.plane.get_session(request.session_id, tenant=TENANT.get()))
 
     async def ResetSession(self, request: lstm_pb2.ResetSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
-        return codec.session_info(await self.plane.reset_session(request.session_id))
+        return codec.session_info(await self.plane.reset_session(request.session_id, tenant=TENANT.get()))
 
     async def CloseSession(
         self, request: lstm_pb2.CloseSessionRequest, context: Context
     ) -> lstm_pb2.CloseSessionResponse:
-        session = await self.plane.close_session(request.session_id)
+        session = await self.plane.close_session(request.session_id, tenant=TENANT.get())
         return lstm_pb2.CloseSessionResponse(session=codec.session_info(session))
 
     async def Step(self, request: lstm_pb2.StepRequest, context: Context) -> lstm_pb2.StepResponse:
         x = codec.decode_tensor(request.inputs, "inputs")
-        outcome = await self.plane.step(request.session_id, request.seq, x)
+        outcome = await self.plane.step(request.session_id, request.seq, x, tenant=TENANT.get())
         return lstm_pb2.StepResponse(
             session_id=outcome.session_id, seq=outcome.seq, outputs=codec.to_tensor(outcome.outputs)
         )
@@ -107,8 +107,9 @@ class LstmServicer:
         code = grpc.StatusCode.OK
         rid = request_id(context)
         peer = peer_host(context)
+        tenant = TENANT.get()
         try:
-            self.calls.enter(peer)
+            self.calls.enter(peer, request=False)  # each request of the stream is charged to its tenant's rate
         except LstmServeError as exc:
             code = status_code(exc)
             self.calls.finished("StreamSteps", code, start)
@@ -124,7 +125,7 @@ class LstmServicer:
 
         async def answer(data: bytes) -> None:
             try:
-                replies.put_nowait(await self._stream_step(data, rid))
+                replies.put_nowait(await self._stream_step(data, rid, tenant))
             finally:
                 answering.discard(asyncio.current_task())
                 settle()
@@ -169,7 +170,7 @@ class LstmServicer:
             self.calls.leave(peer)
             self.calls.finished("StreamSteps", code, start)
 
-    async def _stream_step(self, data: bytes, rid: str | None) -> lstm_pb2.StepReply:
+    async def _stream_step(self, data: bytes, rid: str | None, tenant: str) -> lstm_pb2.StepReply:
         """One request of a stream, answered in-band: its failure is its own, the stream goes on."""
         request: lstm_pb2.StepRequest | None = None
         code = grpc.StatusCode.OK
@@ -177,8 +178,9 @@ class LstmServicer:
         try:
             request = parse(lstm_pb2.StepRequest, data)
             reply.session_id, reply.seq = request.session_id, request.seq
+            self.calls.charge()
             x = codec.decode_tensor(request.inputs, "inputs")
-            outcome = await self.plane.step(request.session_id, request.seq, x)
+            outcome = await self.plane.step(request.session_id, request.seq, x, tenant=tenant)
             reply.outputs.CopyFrom(codec.to_tensor(outcome.outputs))
         except LstmServeError as exc:
             code = status_code(exc)

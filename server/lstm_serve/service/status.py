@@ -13,11 +13,13 @@ from lstm_serve.errors import (
     LstmServeError,
     ModelLoadError,
     ModelNotFound,
+    RateLimited,
     SequenceMismatch,
     SessionExists,
     SessionNotFound,
     ShuttingDown,
     StoreUnavailable,
+    Unauthenticated,
 )
 
 STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
@@ -30,6 +32,8 @@ STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelLoadError: grpc.StatusCode.INTERNAL,
 }
 

@@ -10,9 +10,13 @@ from lstm_serve.sessions.store import (
     SessionStore,
     Stale,
     StepWrite,
+    client_id,
     input_digest,
     new_session_id,
+    session_key,
+    tenant_of,
     validate_session_id,
+    validate_session_key,
 )
 
 __all__ = [
@@ -24,7 +28,11 @@ __all__ = [
     "SessionStore",
     "Stale",
     "StepWrite",
+    "client_id",
     "input_digest",
     "new_session_id",
+    "session_key",
+    "tenant_of",
     "validate_session_id",
+    "validate_session_key",
 ]

@@ -24,9 +24,13 @@ from lstm_serve.sessions.store import (
     Session,
     Stale,
     StepWrite,
+    client_id,
     new_session_id,
-    validate_session_id,
+    tenant_of,
+    validate_session_key,
 )
+
+TENANT_SWEEP_INTERVAL = 0.25  # seconds between full scans for expired sessions forced by a tenant at its limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +41,15 @@ class Ended:
 
 
 def not_found(session_id: str, ended: Ended | None) -> SessionNotFound:
-    """The one wording of "gone" for every store: why and when, or plain unknown."""
-    validate_session_id(session_id)  # a malformed id is bad input, not an unknown session (and is not echoed)
+    """The one wording of "gone" for every store: why and when, or plain unknown. It names the session by the id
+    its client knows (never the tenant prefix of its key)."""
+    validate_session_key(session_id)  # a malformed id is bad input, not an unknown session (and is not echoed)
+    shown = client_id(session_id)
     if ended is None:
-        return SessionNotFound(f"unknown session {session_id!r}")
+        return SessionNotFound(f"unknown session {shown!r}")
     when = datetime.fromtimestamp(ended.at, UTC).isoformat(timespec="seconds")
     verb = "ended" if ended.reason is EndReason.MODEL_CHANGED else ended.reason.value
-    return SessionNotFound(f"session {session_id!r} was {verb} {ended.detail} at {when}", ended.reason)
+    return SessionNotFound(f"session {shown!r} was {verb} {ended.detail} at {when}", ended.reason)
 
 
 class MemorySessionStore:
@@ -82,22 +88,45 @@ class MemorySessionStore:
         self._live: dict[str, Session] = {}
         self._ended: OrderedDict[str, Ended] = OrderedDict()  # oldest first
         self._counts: Counter[str] = Counter()
+        self._tenants: Counter[str] = Counter()  # live sessions by tenant (the key's prefix; "" for plain ids)
+        self._tenant_swept = float("-inf")
 
     def __len__(self) -> int:
         return len(self._live)
 
     # --- the SessionStore protocol ------------------------------------------------------------------------------
 
-    async def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
+    async def create(
+        self,
+        model: str,
+        zero_state: bytes,
+        session_id: str | None,
+        idle_ttl: float | None,
+        *,
+        tenant_limit: int = 0,
+    ) -> Session:
         if session_id:
-            validate_session_id(session_id)
+            validate_session_key(session_id)
             existing = self._live.get(session_id)
             if existing is not None and self._idle_expired(existing, self._clock()):
                 self._expire(existing)  # expired but not swept yet: the id is free, as get() would report
             elif existing is not None:
-                raise SessionExists(f"session {session_id!r} already exists")
+                raise SessionExists(f"session {client_id(session_id)!r} already exists")
         else:
             session_id = new_session_id()
+        tenant = tenant_of(session_id)
+        if tenant_limit > 0 and self._tenants[tenant] >= tenant_limit:
+            # expired but unswept sessions give their places back; the full scan is rationed, since one tenant at its
+            # limit could otherwise make every create of its own scan every tenant's sessions
+            now = self._clock()
+            if now - self._tenant_swept >= TENANT_SWEEP_INTERVAL:
+                self._tenant_swept = now
+                self.sweep_now()
+            if self._tenants[tenant] >= tenant_limit:
+                raise CapacityExceeded(
+                    f"your tenant holds {self._tenants[tenant]} live sessions, its limit "
+                    "(max_sessions_per_tenant); close idle ones or retry later"
+                )
         if len(self._live) >= self.max_sessions:
             self.sweep_now()
         if len(self._live) >= self.max_sessions and self.policy is CapacityPolicy.REFUSE:
@@ -233,6 +262,7 @@ class MemorySessionStore:
         self._live[session.id] = session
         self._ended.pop(session.id, None)
         self._counts[session.model] += 1
+        self._tenants[tenant_of(session.id)] += 1
         self.bytes += len(session.record)
 
     def _replace(self, session: Session) -> None:
@@ -273,6 +303,10 @@ class MemorySessionStore:
         self._counts[session.model] -= 1
         if self._counts[session.model] <= 0:
             del self._counts[session.model]
+        tenant = tenant_of(session.id)
+        self._tenants[tenant] -= 1
+        if self._tenants[tenant] <= 0:
+            del self._tenants[tenant]
         self.bytes -= len(session.record)
         if self._on_end is not None:
             self._on_end(session.model, reason)

@@ -9,6 +9,7 @@ Keys, under a prefix P (default "lstm:"):
   P exp      sorted set id -> idle deadline ms (sessions with a TTL): the sweep finds the expired ones here
   P m        hash id -> model, for sessions still counted
   P count    hash model -> live sessions
+  P tenants  hash tenant -> live sessions (the tenant is the part of the id before "/", "" for a plain id)
 Times come from Redis (TIME), so replicas with skewed clocks agree. Scripts touch keys they compute, so the store
 needs one Redis (standalone, or a primary with replicas / Sentinel), not a Redis Cluster.
 
@@ -40,6 +41,10 @@ local function mark_ended(id, model, reason, at, detail)
   end
 end
 
+local function tenant_of(id)
+  return string.match(id, '^([^/]*)/') or ''
+end
+
 -- Takes a session out of the live accounting once, whoever gets here first; returns its model or false.
 local function unaccount(id)
   local model = redis.call('HGET', P .. 'm', id)
@@ -48,6 +53,8 @@ local function unaccount(id)
   redis.call('ZREM', P .. 'lru', id)
   redis.call('ZREM', P .. 'exp', id)
   if redis.call('HINCRBY', P .. 'count', model, -1) <= 0 then redis.call('HDEL', P .. 'count', model) end
+  local tenant = tenant_of(id)
+  if redis.call('HINCRBY', P .. 'tenants', tenant, -1) <= 0 then redis.call('HDEL', P .. 'tenants', tenant) end
   return model
 end
 
@@ -61,6 +68,13 @@ local function settle(id)
     mark_ended(id, model, 'expired', tonumber(deadline), 'after ' .. ttl .. ' s idle')
     table.insert(events, model)
     table.insert(events, 'expired')
+  end
+end
+
+-- Settles the sessions Redis expired (at most `limit`), so that they no longer count against a limit.
+local function settle_due(limit)
+  for _, due in ipairs(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', NOW, 'LIMIT', 0, limit)) do
+    if redis.call('EXISTS', P .. 's:' .. due) == 0 then settle(due) end
   end
 end
 
@@ -95,20 +109,26 @@ local function live(f)
 end
 """
 
-# ARGV: P, ended, id, model, zero record, idle TTL ms, max sessions, policy ("evict" | "refuse"), rev token, sweep limit
+# ARGV: P, ended, id, model, zero record, idle TTL ms, max sessions, policy ("evict" | "refuse"), rev token,
+# sweep limit, sessions per tenant at most (0: no limit)
 CREATE = (
     COMMON
     + r"""
 local id, model, rec, ttl = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local max, policy, token, limit = tonumber(ARGV[7]), ARGV[8], ARGV[9], tonumber(ARGV[10])
+local per_tenant, tenant = tonumber(ARGV[11]), tenant_of(ARGV[3])
 local sk = P .. 's:' .. id
 if redis.call('EXISTS', sk) == 1 then return {'exists', events} end
 settle(id)
-if redis.call('ZCARD', P .. 'lru') >= max then
-  for _, due in ipairs(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', NOW, 'LIMIT', 0, limit)) do
-    if redis.call('EXISTS', P .. 's:' .. due) == 0 then settle(due) end
+if per_tenant > 0 then
+  local held = tonumber(redis.call('HGET', P .. 'tenants', tenant) or '0')
+  if held >= per_tenant then
+    settle_due(limit)
+    held = tonumber(redis.call('HGET', P .. 'tenants', tenant) or '0')
+    if held >= per_tenant then return {'tenant_full', events, held} end
   end
 end
+if redis.call('ZCARD', P .. 'lru') >= max then settle_due(limit) end
 while redis.call('ZCARD', P .. 'lru') >= max do
   if policy == 'refuse' then return {'full', events} end
   local victim = redis.call('ZRANGE', P .. 'lru', 0, 0)[1]
@@ -123,6 +143,7 @@ end
 redis.call('HSET', sk, 'm', model, 'r', token, 'q', 0, 'n', 0, 'c', NOW, 'u', NOW, 't', ttl, 'd', rec)
 redis.call('HSET', P .. 'm', id, model)
 redis.call('HINCRBY', P .. 'count', model, 1)
+redis.call('HINCRBY', P .. 'tenants', tenant, 1)
 redis.call('DEL', P .. 'e:' .. id)
 touch(id, sk, ttl)
 return {'ok', events, NOW}

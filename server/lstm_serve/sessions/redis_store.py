@@ -34,8 +34,9 @@ from lstm_serve.sessions.store import (
     Session,
     Stale,
     StepWrite,
+    client_id,
     new_session_id,
-    validate_session_id,
+    validate_session_key,
 )
 
 log = logging.getLogger(__name__)
@@ -160,21 +161,34 @@ class RedisSessionStore:
 
     # --- the SessionStore protocol ------------------------------------------------------------------------------
 
-    async def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
+    async def create(
+        self,
+        model: str,
+        zero_state: bytes,
+        session_id: str | None,
+        idle_ttl: float | None,
+        *,
+        tenant_limit: int = 0,
+    ) -> Session:
         if session_id:
-            validate_session_id(session_id)
+            validate_session_key(session_id)
         else:
             session_id = new_session_id()
         ttl = self.default_ttl if idle_ttl is None else idle_ttl
         token = _token()
         args = (session_id, model, zero_state, int(ttl * 1000), self.max_sessions, self.policy.value, token)
-        status, events, *rest = await self._run("CREATE", *args, SWEEP_LIMIT)
+        status, events, *rest = await self._run("CREATE", *args, SWEEP_LIMIT, tenant_limit)
         self._events(events)
         if status == b"exists":
-            raise SessionExists(f"session {session_id!r} already exists")
+            raise SessionExists(f"session {client_id(session_id)!r} already exists")
         if status == b"full":
             raise CapacityExceeded(
                 f"the store holds max_sessions={self.max_sessions} live sessions; close idle ones or retry later"
+            )
+        if status == b"tenant_full":
+            raise CapacityExceeded(
+                f"your tenant holds {int(rest[0])} live sessions, its limit (max_sessions_per_tenant); close idle "
+                "ones or retry later"
             )
         now = int(rest[0]) / 1000
         session = Session(session_id, model, zero_state, now, now, int(ttl * 1000) / 1000, rev=token)
@@ -188,7 +202,7 @@ class RedisSessionStore:
             if cached is not None:
                 results[session_id] = cached
             elif session_id not in results:
-                validate_session_id(session_id)
+                validate_session_key(session_id)
                 missing.append(session_id)
         if missing:
             replies, events = await self._run("LOAD", *missing, items=len(missing))
@@ -231,7 +245,7 @@ class RedisSessionStore:
         return self._live_or_raise(session_id, await self._run("RESET", session_id, zero_state, _token()))
 
     async def close(self, session_id: str) -> Session:
-        validate_session_id(session_id)
+        validate_session_key(session_id)
         reply = await self._run("FINISH", session_id, EndReason.CLOSED.value, "by the client", "")
         try:
             return self._live_or_raise(session_id, reply)

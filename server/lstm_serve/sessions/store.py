@@ -20,6 +20,11 @@ from lstm_serve.engine.cell import F32
 from lstm_serve.errors import CapacityExceeded, InvalidInput, SessionNotFound
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# How a store keys a session: the client's id, prefixed with its tenant's name and "/" when the server authenticates
+# (lstm_serve.service.auth). "/" is in no client id, so no client can name another tenant's key.
+_TENANT = r"[A-Za-z0-9._-]{1,64}"
+TENANT_NAME = re.compile(_TENANT)
+_KEY = re.compile(rf"(?:{_TENANT}/)?[A-Za-z0-9._:-]{{1,128}}")
 DIGEST_BYTES = 16  # blake2b-128 of a step's inputs: a retry with other inputs cannot be made to collide cheaply
 
 
@@ -126,9 +131,36 @@ def new_session_id() -> str:
 
 
 def validate_session_id(session_id: str) -> str:
+    """A session id as clients write it (the strict form: no tenant prefix)."""
     if not _CLIENT_ID.fullmatch(session_id):  # fullmatch: "$" would admit a trailing newline
         raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9._:-]")
     return session_id
+
+
+def validate_session_key(key: str) -> str:
+    """A store's key of a session: a client id, optionally prefixed with "tenant/" (see session_key)."""
+    if not _KEY.fullmatch(key):
+        raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9._:-]")
+    return key
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    """Where a tenant's session `session_id` lives in the store; the id is checked in its strict client form, so
+    that no client can reach a key of another tenant. The anonymous tenant "" (a server without tokens) keys
+    sessions by their plain ids."""
+    validate_session_id(session_id)
+    return f"{tenant}/{session_id}" if tenant else session_id
+
+
+def tenant_of(key: str) -> str:
+    """The tenant part of a session key ("" for a plain id)."""
+    tenant, slash, _ = key.partition("/")
+    return tenant if slash else ""
+
+
+def client_id(key: str) -> str:
+    """The id the client knows a session key by: every message a client reads names this, never the key."""
+    return key.rpartition("/")[2]
 
 
 class SessionStore(Protocol):
@@ -142,8 +174,18 @@ class SessionStore(Protocol):
     shared: bool
     authoritative: bool
 
-    async def create(self, model: str, zero_state: bytes, session_id: str | None, idle_ttl: float | None) -> Session:
-        """Raises SessionExists when a live session has `session_id`; CapacityExceeded under the refuse policy."""
+    async def create(
+        self,
+        model: str,
+        zero_state: bytes,
+        session_id: str | None,
+        idle_ttl: float | None,
+        *,
+        tenant_limit: int = 0,
+    ) -> Session:
+        """Raises SessionExists when a live session has `session_id` (a key: see session_key); CapacityExceeded
+        under the refuse policy, or when `tenant_limit` > 0 and the key's tenant (tenant_of) holds that many live
+        sessions already, store-wide."""
         ...
 
     async def load(self, session_ids: Sequence[str], *, fresh: bool) -> list[LoadResult]:

@@ -25,7 +25,10 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)), "n": len(a)}
 
 
-def _measure(target: str, session_id: str, calls: int, warmup: int = 300) -> dict[str, float]:
+def _measure(
+    target: str, session_id: str, calls: int, warmup: int = 300, metadata: tuple[tuple[str, str], ...] = ()
+) -> dict[str, float]:
+    """p50/p99 of `calls` sequential Steps after `warmup` (metadata: e.g. x-session-id, for nginx's affinity)."""
     x = to_tensor(np.array([26.0], np.float32))
     with grpc.insecure_channel(target) as channel:
         stub = lstm_pb2_grpc.LstmServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -33,7 +36,7 @@ def _measure(target: str, session_id: str, calls: int, warmup: int = 300) -> dic
         for seq in range(1, warmup + calls + 1):
             request = lstm_pb2.StepRequest(session_id=session_id, seq=seq, inputs=x)
             start = time.perf_counter()
-            stub.Step(request)
+            stub.Step(request, metadata=metadata or None)
             if seq > warmup:
                 samples.append(time.perf_counter() - start)
     return _percentiles(samples)

@@ -2,7 +2,9 @@
 
 Prints every figure with its ratio to the echo server carrying the same payloads, then writes docs/performance.md.
 Servers run as separate processes; the load generator (lstm-loadtest's engine) runs here. Every load is bounded in
-sessions, steps and seconds.
+sessions, steps and seconds. The last section (bench/cluster.py) compares the Redis session store with the memory
+store, --workers 2 with 1, and nginx in front with direct calls; `python -m bench.run --only cluster` runs it alone
+(about 3 minutes) and rewrites only that section of docs/performance.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -24,43 +25,19 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import backends
+from bench import backends, cluster
 from bench.latency import _measure as sequential_latency
+from bench.measure import Placement
+from bench.rows import DEMO, Load, Row, cpu_model, fmt_row, throughput
 from bench.servers import REPO, Server, echo_server, lstm_serve_argv, lstm_server
 from lstm_client import Client
 from lstm_client._calls import step_request
 from lstm_client.aio import AsyncClient
-from lstm_client.loadtest import LoadConfig, run_load
 from lstm_serve.engine.npz import save_npz
 
 NOTES = (Path(__file__).with_name("notes.md")).read_text().splitlines()
-DEMO = "elnino"
 BIG = "big512"
 BIG_INPUT = backends.INPUT
-
-
-@dataclass(frozen=True)
-class Load:
-    mode: str
-    sessions: int
-    per_stream: int = 1
-    steps_per_message: int = 1
-
-    def label(self) -> str:
-        how = f"stream, {self.per_stream}/stream" if self.mode == "stream" else "unary"
-        return f"{self.sessions} sessions, {how}, {self.steps_per_message} step/msg"
-
-
-@dataclass
-class Row:
-    scenario: str
-    value: float
-    unit: str
-    ceiling: float | None = None  # the echo figure it is compared with
-    target: str = ""
-
-    def ratio(self) -> float | None:
-        return None if not self.ceiling else self.value / self.ceiling
 
 
 def make_big_model(root: Path) -> Path:
@@ -70,23 +47,6 @@ def make_big_model(root: Path) -> Path:
     save_npz(backends.random_weights(512), directory / "weights.npz")
     (directory / "model.toml").write_text('description = "benchmark: random weights"\nweights = "weights.npz"\n')
     return root
-
-
-def throughput(target: str, model: str, load: Load, seconds: float) -> tuple[float, float, int]:
-    """Returns steps/s, messages/s and the error count of a bounded run."""
-    config = LoadConfig(
-        target=target,
-        model=model,
-        sessions=load.sessions,
-        steps=10**9,  # the duration is the bound
-        steps_per_message=load.steps_per_message,
-        mode=load.mode,  # type: ignore[arg-type]
-        sessions_per_stream=load.per_stream,
-        duration=seconds,
-    )
-    result = asyncio.run(run_load(config))
-    s = result.summary()
-    return float(s["steps_per_s"]), float(s["messages_per_s"]), sum(result.errors.values())  # type: ignore[arg-type]
 
 
 def mean_batch(server: Server, before: tuple[float, float]) -> float:
@@ -165,25 +125,50 @@ def time_to_serving(model_dir: Path) -> float:
         proc.wait(10)
 
 
-def _fmt(row: Row) -> str:
-    ratio = row.ratio()
-    ceiling = f"{row.ceiling:,.0f}" if row.ceiling else ""
-    value = f"{row.value:.2f}" if row.unit == "x" else f"{row.value:,.0f}"
-    shown_ratio = f"{ratio:.2f}" if ratio else ""
-    return f"| {row.scenario} | {value} {row.unit} | {ceiling} | {shown_ratio} | {row.target} |"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each throughput run")
     parser.add_argument("--sessions-for-memory", type=int, default=100_000)
     parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/performance.md")
+    parser.add_argument(
+        "--only", choices=["cluster"], help="run one section; rewrite only its part of docs/performance.md"
+    )
+    parser.add_argument("--no-pin", action="store_true", help="cluster section: leave every process on every CPU")
+    parser.add_argument("--cluster-seconds", type=float, default=3.0, help="cluster section: length of each run")
+    parser.add_argument(
+        "--cluster-rounds", type=int, default=cluster.ROUNDS, help="cluster section: runs of each set-up per ratio"
+    )
     args = parser.parse_args()
+    placement = Placement.choose(not args.no_pin)
+    report = REPO / "docs" / "performance.md"
+    if args.only == "cluster":
+        section = run_cluster(args, placement)
+        if not args.no_write:
+            report.write_text(cluster.splice(report.read_text(), section))
+            print(f"wrote the cluster section of {report.relative_to(REPO)}")
+        return
+    rows, backend_lines = run_core(args)
+    section = run_cluster(args, placement)
+    if not args.no_write:
+        write_report(rows, args, backend_lines, section)
+
+
+def run_cluster(args: argparse.Namespace, placement: Placement) -> list[str]:
+    """The section "Sessions outside the process" (Redis store, workers, nginx), as markdown lines."""
+    missing = cluster.missing_programs()
+    if missing is not None:
+        print(f"cluster section not measured: {missing}", flush=True)
+        return [cluster.SECTION, "", f"Not measured in this run: {missing}.", ""]
+    return cluster.markdown(cluster.run(args.cluster_seconds, placement, args.cluster_rounds))
+
+
+def run_core(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    """lstm-serve against the echo ceiling, batching, memory, start-up, backends: rows and the backends' markdown."""
     rows: list[Row] = []
 
     def emit(row: Row) -> None:
         rows.append(row)
-        print(_fmt(row), flush=True)
+        print(fmt_row(row), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
@@ -287,19 +272,11 @@ def main() -> None:
 
     backend_lines = backends.markdown()
     print("\n".join(backend_lines))
-    if not args.no_write:
-        write_report(rows, args, backend_lines)
+    return rows, backend_lines
 
 
-def write_report(rows: list[Row], args: argparse.Namespace, backend_lines: list[str]) -> None:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
+def write_report(rows: list[Row], args: argparse.Namespace, backend_lines: list[str], cluster_lines: list[str]) -> None:
+    cpu = cpu_model()
     versions = ", ".join(f"{p} {version(p)}" for p in ("grpcio", "protobuf", "numpy", "onnxruntime"))
     lines = [
         "# Performance",
@@ -315,13 +292,14 @@ def write_report(rows: list[Row], args: argparse.Namespace, backend_lines: list[
         "",
         "| scenario | lstm-serve | echo ceiling | ratio | target |",
         "| --- | --- | --- | --- | --- |",
-        *(_fmt(r) for r in rows),
+        *(fmt_row(r) for r in rows),
         "",
         "Models: demo = `models/elnino` (I=1, 2 x LSTM(32), O=1, computed on the event loop);",
         "H=512 = I=16, 1 x LSTM(512), O=8, random weights (computed in one compute thread, BLAS pinned to 1 thread).",
         "Batching off = `--max-batch 1`.",
         "",
         *backend_lines,
+        *cluster_lines,
         *NOTES,
     ]
     (REPO / "docs" / "performance.md").write_text("\n".join(lines))

@@ -37,9 +37,14 @@ class Server:
 
     def metric_sum(self, name: str) -> float:
         """Sum of every sample of `name` on the server's /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+        return metric_sum(f"http://127.0.0.1:{self.metrics_port}/metrics", name)
+
+
+def metric_sum(url: str, name: str) -> float:
+    """Sum of every sample of `name` on a Prometheus endpoint."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import backends, cluster
+from bench import backends, cluster, long_requests
 from bench.latency import _measure as sequential_latency
 from bench.measure import Placement
 from bench.rows import DEMO, Load, Row, cpu_model, fmt_row, throughput
@@ -245,7 +245,16 @@ def run_core(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
                 )
             )
 
-        # 4. memory and start-up
+        # 4. short steps while other clients send long requests, long requests off the loop (default) and on it
+        off = long_requests.short_step_latency(model_dir, DEMO)
+        on_loop = ("--inline-max-steps", str(10 * long_requests.LONG_STEPS))
+        on = long_requests.short_step_latency(model_dir, DEMO, *on_loop, calls=40)  # ~0.4 s a call: keep it short
+        mix = f"{long_requests.LONG_CLIENTS} clients sending {long_requests.LONG_STEPS}-step Predicts"
+        for q in ("p50", "p99"):
+            label = f"short Step {q} while {mix}: long requests in compute threads / on the event loop"
+            emit(Row(label, off[f"{q}_us"], "us", on[f"{q}_us"], "p99 < on the loop" if q == "p99" else ""))
+
+        # 5. memory and start-up
         mem = memory_per_session(model_dir, args.sessions_for_memory)
         emit(Row("state per session (2 L H 4 bytes, demo)", mem["state_bytes"], "B"))
         n = args.sessions_for_memory

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lstm_client/_proto
 
-.PHONY: help venv run test lint proto proto-check bench clean
+.PHONY: help venv run test lint proto proto-check bench clean fuzz-long
 
 help:
 	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464); sessions kept across restarts"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint    ruff + mypy + generated-code check"
 	@echo "make proto   regenerate the protobuf/gRPC code from proto/"
 	@echo "make bench   measure lstm-serve against a bare gRPC echo on loopback (takes minutes)"
+	@echo "make fuzz-long  tests/fuzz with FUZZ_EXAMPLES (2000) examples each, fresh random seeds (takes minutes)"
 
 $(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 needed (set PYTHON=...)"; exit 1; }
@@ -60,3 +61,11 @@ proto-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .proto-check .pytest_cache .mypy_cache .ruff_cache
+
+# The property-based tests of tests/fuzz with many more examples than CI runs, from fresh random seeds: thousands of
+# random request sequences against a live server. A failure prints a @reproduce_failure blob; LSTM_FUZZ_SHRINK=1
+# shrinks it to a minimal example first (slow).
+FUZZ_EXAMPLES ?= 2000
+
+fuzz-long: $(STAMP)
+	LSTM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz --timeout=0 -q

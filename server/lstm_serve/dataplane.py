@@ -140,7 +140,8 @@ class DataPlane:
             if failure is not None:
                 raise ModelNotFound(f"model {name!r} failed to load: {failure}")
             known = ", ".join(sorted(self.repository.models)) or "none"
-            raise ModelNotFound(f"unknown model {name!r}; served models: {known}")
+            shown = name if len(name) <= 128 else f"{name[:64]}… ({len(name)} characters)"
+            raise ModelNotFound(f"unknown model {shown!r}; served models: {known}")
         return model
 
     # --- sessions -----------------------------------------------------------------------------------------------

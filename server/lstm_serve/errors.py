@@ -3,13 +3,20 @@ these classes to status codes in ONE table (lstm_serve.service.status)."""
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 1024  # messages travel in gRPC trailers (8 KiB in all): a client-supplied string is cut short
+
 
 class LstmServeError(Exception):
-    """Base of every error the domain raises on purpose. `reason` is the stable word clients can branch on."""
+    """Base of every error the domain raises on purpose. `reason` is the stable word clients can branch on.
+
+    The message is for people and may echo what the client sent (a model name, say): it is cut to
+    MAX_MESSAGE_CHARS, so that no request can make its own error too big to be delivered."""
 
     reason = "internal"
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.message = message
 

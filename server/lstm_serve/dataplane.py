@@ -244,6 +244,7 @@ class DataPlane:
                     outputs = self._replay(session, session_id, seq, digest, info)
                     return StepOutcome(session_id, seq, outputs[0] if single else outputs)
                 ys, new_state = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
+                _check_finite(ys, new_state)
                 outputs = ys[0] if single else ys
                 after = session.stepped(seq, new_state, outputs, digest, time.time())
                 result = await self._commit(StepWrite(session, after))
@@ -294,6 +295,7 @@ class DataPlane:
                 raise InvalidInput(f"{name} contains NaN or Inf")
             state[i] = given
         ys, final = await self._batchers[info.name].submit(xs, state)
+        _check_finite(ys, final)
         return ys, final[0], final[1]
 
     def _check_inputs(self, x: F32, info: ModelInfo) -> tuple[F32, bool]:
@@ -319,6 +321,13 @@ class DataPlane:
             bad = np.argwhere(~np.isfinite(xs))[0]
             raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
         return xs, single
+
+
+def _check_finite(outputs: F32, state: F32) -> None:
+    """Finite inputs so large that the arithmetic overflows (a sum of +Inf and -Inf terms is NaN) must not become a
+    session's state: a NaN state would poison every later step. Refused like any bad input, nothing applied."""
+    if not (np.isfinite(state).all() and np.isfinite(outputs).all()):
+        raise InvalidInput("inputs too large: the model's arithmetic overflows to Inf or NaN; nothing was applied")
 
 
 def _as_seen_by_client(session: Session, session_id: str) -> Session:

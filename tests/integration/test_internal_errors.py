@@ -9,7 +9,7 @@ import grpc.aio
 import numpy as np
 import pytest
 
-from lstm_client import AsyncClient, ServerError
+from lstm_client import AsyncClient, InvalidArgument, ServerError
 from lstm_serve.dataplane import DataPlane
 from lstm_serve.engine.cell import F32
 from lstm_serve.engine.model import Model
@@ -24,10 +24,14 @@ from tests.golden import TOLERANCE, golden
 
 class FlakyBackend(NumpyBackend):
     failing = False
+    overflowing = False  # what a backend returns when huge inputs overflow its arithmetic (Inf - Inf)
 
     def step(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32]:
         if self.failing:
             raise RuntimeError("simulated backend failure")
+        if self.overflowing:
+            y, h2, c2 = super().step(x, h, c)
+            return y, h2, np.full_like(c2, np.nan)
         return super().step(x, h, c)
 
 
@@ -64,3 +68,22 @@ async def test_backend_failure_is_internal_and_changes_nothing(flaky: tuple[str,
         assert session.seq == 1  # the client did not advance either
         np.testing.assert_allclose(await session.step(x[1]), expected[1], atol=TOLERANCE)
         np.testing.assert_allclose(await session.step(x[2]), expected[2], atol=TOLERANCE)
+
+
+async def test_a_step_that_would_leave_a_nan_state_is_refused_and_changes_nothing(
+    flaky: tuple[str, FlakyBackend],
+) -> None:
+    target, backend = flaky
+    x = golden("golden_l1_nohead").inputs[0]
+    async with AsyncClient(target) as client:
+        expected = (await client.predict("flaky", x[:2])).outputs
+        session = await client.create_session("flaky")
+        await session.step(x[0])
+        backend.overflowing = True
+        with pytest.raises(InvalidArgument, match="overflows"):
+            await session.step(x[1])
+        with pytest.raises(InvalidArgument, match="overflows"):
+            await client.predict("flaky", x[:2])
+        backend.overflowing = False
+        assert (await session.info()).seq == 1
+        np.testing.assert_allclose(await session.step(x[1]), expected[1], atol=TOLERANCE)

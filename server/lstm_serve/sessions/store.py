@@ -48,9 +48,10 @@ class Session:
     """All a session is: its recurrent state, where it is in its sequence, and the last reply (for retries).
 
     State and reply live in one immutable `bytes` record: the float32 state (2, L, H), then, once the session has
-    stepped, the blake2b-128 digest of step `seq`'s inputs and that step's float32 outputs. `rev` counts every change
-    of the record (steps and resets): a commit is a compare-and-set on it, so a step computed from an old record can
-    never overwrite a newer one, in one process or across replicas. Frozen: a store hands out snapshots, and a change
+    stepped, the blake2b-128 digest of step `seq`'s inputs and that step's float32 outputs. `rev` names the revision of
+    the record and changes with every step and reset (a counter in memory, a random token in Redis): a commit is a
+    compare-and-set on it, so a step computed from an old record can never overwrite a newer one, in one process or
+    across replicas. Frozen: a store hands out snapshots, and a change
     is a new Session (`stepped`, `reset`).
     """
 

@@ -7,7 +7,6 @@ layer. Raises only the domain errors of lstm_serve.errors.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -246,7 +245,7 @@ class DataPlane:
                 ys, new_state = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
                 _check_finite(ys, new_state)
                 outputs = ys[0] if single else ys
-                after = session.stepped(seq, new_state, outputs, digest, time.time())
+                after = session.stepped(seq, new_state, outputs, digest, self.store.now())
                 result = await self._commit(StepWrite(session, after))
                 if isinstance(result, Session):
                     self.metrics.child(self.metrics.steps, info.name).inc(len(xs))

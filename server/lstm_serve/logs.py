@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from datetime import UTC, datetime
+
+from lstm_serve.token_bucket import TokenBucket
 
 # Attributes a LogRecord has of its own; anything else was passed through `extra=` and goes into the JSON object.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -53,22 +54,15 @@ class RateLimitedLog:
 
     def __init__(self, logger: logging.Logger, per_second: float, burst: int) -> None:
         self._log = logger
-        self._rate = per_second
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._last = time.monotonic()
+        self._bucket = TokenBucket(per_second, float(burst))
         self.dropped = 0
 
     def info(self, message: str, *args: object, extra: dict[str, object]) -> None:
         if not self._log.isEnabledFor(logging.INFO):
             return
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens < 1:
+        if self._bucket.take():
             self.dropped += 1
             return
-        self._tokens -= 1
         if self.dropped:
             extra = extra | {"suppressed_before": self.dropped}
             self.dropped = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -58,8 +59,10 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[Made]:
 
 
 def _step(session: Session, value: float) -> StepWrite:
+    """A step of `session`, stamped with the time now (what the data plane takes from store.now())."""
     state = np.full((2, 1, 4), value, np.float32)
-    return StepWrite(session, session.stepped(session.seq + 1, state, np.full(1, value, np.float32), bytes(16), 0.0))
+    outputs = np.full(1, value, np.float32)
+    return StepWrite(session, session.stepped(session.seq + 1, state, outputs, bytes(16), time.time()))
 
 
 async def _get(store: SessionStore, session_id: str, *, fresh: bool = True) -> Session:

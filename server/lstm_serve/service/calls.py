@@ -30,6 +30,7 @@ from lstm_serve.errors import InvalidInput, LimitExceeded, LstmServeError, RateL
 from lstm_serve.logs import RateLimitedLog
 from lstm_serve.metrics import Metrics
 from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
+from lstm_serve.token_bucket import TokenBucket
 
 log = logging.getLogger("lstm_serve.service")
 
@@ -61,23 +62,18 @@ class TenantRates:
         self.rate = rate
         self.burst = float(burst) if burst > 0 else max(1.0, rate)
         self._clock = clock
-        self._buckets: dict[str, list[float]] = {}  # tenant -> [tokens, when last filled]
+        self._buckets: dict[str, TokenBucket] = {}
 
     def take(self, tenant: str) -> None:
         """Takes one request's token, or raises RateLimited saying when one will be there."""
-        now = self._clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
-            bucket = self._buckets[tenant] = [self.burst, now]
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            wait = (1.0 - tokens) / self.rate
+            bucket = self._buckets[tenant] = TokenBucket(self.rate, self.burst, self._clock)
+        wait = bucket.take()
+        if wait:
             raise RateLimited(
                 f"your tenant sent more than its {self.rate:g} requests/s (burst {self.burst:g}); retry in {wait:.3f} s"
             )
-        bucket[0] = tokens - 1.0
 
 
 def request_id(context: Context) -> str | None:

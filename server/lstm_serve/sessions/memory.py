@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from lstm_serve.errors import CapacityExceeded, SessionExists, SessionNotFound
@@ -169,15 +169,19 @@ class MemorySessionStore:
             if live.rev != write.base.rev:
                 results.append(Stale(live))
                 continue
-            try:
-                self._make_room(len(write.after.record) - len(live.record), keep=live.id)
-            except CapacityExceeded as exc:
-                results.append(exc)
-                continue
-            after = replace(write.after, last_used=self._clock())  # the store's clock decides idleness
-            self._replace(after)
-            results.append(after)
+            growth = len(write.after.record) - len(live.record)
+            if self.bytes + growth > self.max_bytes:
+                try:
+                    self._make_room(growth, keep=live.id)
+                except CapacityExceeded as exc:
+                    results.append(exc)
+                    continue
+            self._replace(write.after)  # stamped with now() by the caller: this store's clock decides idleness
+            results.append(write.after)
         return results
+
+    def now(self) -> float:
+        return self._clock()
 
     async def reset(self, session_id: str, zero_state: bytes) -> Session:
         session = self.get(session_id).reset(zero_state, self._clock())

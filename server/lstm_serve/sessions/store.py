@@ -77,14 +77,10 @@ class Session:
         return rest == 0 or (rest > DIGEST_BYTES and (rest - DIGEST_BYTES) % (4 * output_size) == 0)
 
     def stepped(self, seq: int, state: F32, outputs: F32, digest: bytes, now: float) -> Session:
-        return replace(
-            self,
-            record=state.tobytes() + digest + outputs.tobytes(),
-            seq=seq,
-            steps=self.steps + (len(outputs) if outputs.ndim == 2 else 1),
-            rev=self.rev + 1,
-            last_used=now,
-        )
+        """The session after step `seq` (built directly: this is on every step's path, and `replace` costs more)."""
+        steps = self.steps + (len(outputs) if outputs.ndim == 2 else 1)
+        record = state.tobytes() + digest + outputs.tobytes()
+        return Session(self.id, self.model, record, self.created, now, self.idle_ttl, seq, steps, self.rev + 1)
 
     def reset(self, zero_state: bytes, now: float) -> Session:
         """Zero state; the stored reply stays (a retry of step `seq` still gets its answer)."""
@@ -192,6 +188,10 @@ class SessionStore(Protocol):
     async def load(self, session_ids: Sequence[str], *, fresh: bool) -> list[LoadResult]:
         """The sessions, in order; SessionNotFound (naming why a session ended) for those that are gone. With
         fresh=False a store may answer from its cache."""
+        ...
+
+    def now(self) -> float:
+        """The time to stamp a write's last use with: the store's own clock (Redis replaces it with Redis's)."""
         ...
 
     async def commit(self, writes: Sequence[StepWrite]) -> list[CommitResult]:

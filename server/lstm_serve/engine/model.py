@@ -87,15 +87,18 @@ class Model:
         h, c = S[0], S[1]
         Y = np.empty((T, B, self.info.output_size), dtype=np.float32)
         active = B
-        for t in range(T):
-            while lengths[active - 1] <= t:
-                active -= 1
-            y, h_new, c_new = self.backend.step(X[t, :active], h[:, :active], c[:, :active])
-            Y[t, :active] = y
-            h[:, :active] = h_new
-            c[:, :active] = c_new
-        if self._norm is not None:
-            Y *= self._norm.output_std
-            Y += self._norm.output_mean
+        # Huge (finite) inputs may overflow; the data plane refuses a result that is not finite, so numpy's warning
+        # would only be noise in the server's log.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for t in range(T):
+                while lengths[active - 1] <= t:
+                    active -= 1
+                y, h_new, c_new = self.backend.step(X[t, :active], h[:, :active], c[:, :active])
+                Y[t, :active] = y
+                h[:, :active] = h_new
+                c[:, :active] = c_new
+            if self._norm is not None:
+                Y *= self._norm.output_std
+                Y += self._norm.output_mean
         position = {b: pos for pos, b in enumerate(order)}
         return [(Y[: lengths[p], p].copy(), S[:, :, p].copy()) for p in (position[b] for b in range(B))]

@@ -45,7 +45,13 @@ READINESS_SERVICE = "lstm.v1.LstmService"
 START_TIMEOUT = 30.0  # seconds a program gets to become ready
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 PROBE_INTERVAL = 0.05
-APT_PACKAGE = {"redis-server": "redis-server", "redis-cli": "redis-tools", "nginx": "nginx"}
+APT_PACKAGE = {
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
+    "nginx": "nginx",
+    "promtool": "prometheus",
+    "docker-compose": "docker-compose",
+}
 
 
 def require(program: str) -> str:

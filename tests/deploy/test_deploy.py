@@ -10,8 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -25,25 +23,11 @@ import pytest
 
 from lstm_client import Client
 from tests.golden import REPO
+from tests.procs import free_port, require
 from tests.servers import RunningServer
 
 DEPLOY = REPO / "deploy"
 RATE_WINDOW = "30s"  # stands in for Grafana's $__rate_interval
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed: .ci/run must install it")
-        pytest.skip(f"{name} not installed (apt-get install {'docker-compose' if 'compose' in name else 'prometheus'})")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _dashboard() -> dict[str, Any]:
@@ -59,7 +43,7 @@ PUBLISH_VARIABLES = ("LSTM_SERVE_PUBLISH", "PROMETHEUS_PUBLISH", "GRAFANA_PUBLIS
 
 
 def _compose_config(**env: str) -> str:
-    compose = _tool("docker-compose")
+    compose = require("docker-compose")
     environ = {k: v for k, v in os.environ.items() if k not in PUBLISH_VARIABLES} | env
     result = subprocess.run(
         [compose, "-f", str(REPO / "docker-compose.yml"), "config"],
@@ -101,7 +85,7 @@ def test_compose_publishes_every_port_on_loopback_only_unless_told_otherwise() -
 
 
 def test_promtool_accepts_config_and_rules() -> None:
-    promtool = _tool("promtool")
+    promtool = require("promtool")
     config = subprocess.run(
         [promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")], capture_output=True, text=True
     )
@@ -114,7 +98,7 @@ def test_promtool_accepts_config_and_rules() -> None:
 
 
 def test_promtool_accepts_the_live_metrics(server: RunningServer, client: Client) -> None:
-    promtool = _tool("promtool")
+    promtool = require("promtool")
     with client.create_session("golden_l1_nohead") as session:
         session.step(np.zeros(3))
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
@@ -136,13 +120,13 @@ def test_dashboard_json_is_generated_from_its_script() -> None:
 @pytest.fixture
 def prometheus(server: RunningServer, tmp_path: Path) -> Iterator[str]:
     """A real Prometheus with the deployment's config, pointed at the test server and sped up for a test."""
-    binary = _tool("prometheus")
+    binary = require("prometheus")
     config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
     config = config.replace("lstm-serve:9464", f"127.0.0.1:{server.app.metrics_port}")
     config = re.sub(r"(scrape|evaluation)_interval: \S+", r"\1_interval: 1s", config)
     config = config.replace("- alerts.yml", f"- {DEPLOY / 'prometheus' / 'alerts.yml'}")
     (tmp_path / "prometheus.yml").write_text(config)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             binary,

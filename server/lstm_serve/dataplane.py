@@ -132,6 +132,10 @@ class DataPlane:
     def models(self) -> list[ModelInfo]:
         return [m.info for m in self.repository.models.values()]
 
+    def model_failures(self) -> dict[str, str]:
+        """Models of the repository that failed to load, with the short reason a client may read (no paths)."""
+        return dict(self.repository.failures)
+
     def model(self, name: str) -> Model:
         model = self.repository.models.get(name)
         if model is None:

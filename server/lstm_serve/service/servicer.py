@@ -58,7 +58,7 @@ class LstmServicer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     async def ListModels(self, request: lstm_pb2.ListModelsRequest, context: Context) -> lstm_pb2.ListModelsResponse:
-        failures = [lstm_pb2.ModelLoadFailure(name=n, error=e) for n, e in self.plane.repository.failures.items()]
+        failures = [lstm_pb2.ModelLoadFailure(name=n, error=e) for n, e in self.plane.model_failures().items()]
         return lstm_pb2.ListModelsResponse(models=[codec.model_info(m) for m in self.plane.models()], failures=failures)
 
     async def GetModel(self, request: lstm_pb2.GetModelRequest, context: Context) -> lstm_pb2.ModelInfo:

@@ -43,6 +43,9 @@ from lstm_serve.sessions import (
 from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a transport may call a tenant
 from lstm_serve.sessions.store import LoadResult
 
+# The types of this API, for the transports (which import nothing past this module).
+__all__ = ["F32", "TENANT_NAME", "DataPlane", "Limits", "ModelInfo", "Session", "StepOutcome"]
+
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
 MAX_COMMIT_ATTEMPTS = 4  # a step recomputed after losing its compare-and-set this often is answered UNAVAILABLE
 

@@ -6,10 +6,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_client.tensor import TensorDecodeError, from_tensor, to_tensor
-from lstm_serve.engine.cell import F32
-from lstm_serve.engine.model import ModelInfo
+from lstm_serve.dataplane import F32, ModelInfo, Session
 from lstm_serve.errors import InvalidInput
-from lstm_serve.sessions import Session
 
 __all__ = ["decode_tensor", "model_info", "seconds", "session_info", "to_tensor"]
 

@@ -89,6 +89,8 @@ class App:
         self._executor: ThreadPoolExecutor | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._snapshotter: asyncio.Task[None] | None = None
+        self._snapshot_writing: asyncio.Future[int] | None = None  # a periodic write in its thread
         self._calls: Calls | None = None
         self._store: SessionStore | None = None
         self._ready: bool | None = None
@@ -153,6 +155,8 @@ class App:
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
+        if s.snapshot is not None and s.snapshot_interval > 0:
+            self._snapshotter = asyncio.create_task(self._snapshot_forever(), name="snapshot-writer")
 
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._check_store()
@@ -301,7 +305,7 @@ class App:
             await asyncio.sleep(max(0.0, min(DRAIN_LINGER, grace - (time.monotonic() - started))))
         if self._server is not None:
             await self._server.stop(0.5)
-        for task in (self._sweeper, self._watcher):
+        for task in (self._sweeper, self._watcher, self._snapshotter):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -310,10 +314,31 @@ class App:
             await self._plane.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._snapshot_writing is not None:  # let a periodic write finish before the last one
+            with contextlib.suppress(Exception):
+                await self._snapshot_writing
         self._write_snapshot()
         if self._store is not None:
             await self._store.aclose()
         self.metrics.stop()
+
+    async def _snapshot_forever(self) -> None:
+        """Writes the snapshot every --snapshot-interval, in a thread (the loop only copies two lists), so that a
+        crash loses at most that interval: sessions then roll back to it, as after a Redis crash with AOF everysec."""
+        path, store = self.settings.snapshot, self._store
+        assert path is not None
+        assert isinstance(store, MemorySessionStore)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.snapshot_interval)
+            live, ended, models = store.live(), store.ended(), self.plane.models()
+            self._snapshot_writing = loop.run_in_executor(None, snapshots.write, path, live, ended, models)
+            try:
+                size = await asyncio.shield(self._snapshot_writing)
+            except OSError as exc:
+                log.error("could not write the snapshot %s: %s", path, exc)
+                continue
+            log.debug("wrote %d session(s) to %s (%d bytes)", len(live), path, size)
 
     def _write_snapshot(self) -> None:
         path = self.settings.snapshot

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         description="Memory store only: write every session to this file on shutdown and load it at start, so a "
         "restart loses nothing.",
     )
+    snapshot_interval: float = Field(
+        30.0,
+        ge=0,
+        description="With --snapshot, also write it every this many seconds, so that a crash loses at most that "
+        "much; 0 = only at shutdown.",
+    )
     workers: int = Field(
         1,
         ge=1,

@@ -4,6 +4,7 @@ file that cannot be trusted is refused whole."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from lstm_client import Client, SessionGone
 from lstm_serve.app import StartupError
+from lstm_serve.sessions import snapshot as snapshots
 from tests.golden import FIXTURES, REPO, write_model_dir
 from tests.procs import LstmServeProcess
 from tests.servers import start_server, stop_server, test_settings
@@ -48,6 +50,28 @@ def test_a_sigterm_restart_loses_no_session(models: Path, tmp_path: Path) -> Non
                 client.session_info("done")
             assert err.value.reason == "closed"  # why a session ended survives too
         assert "restored 1 session(s)" in server.log_text()
+    np.testing.assert_allclose(np.array(first + rest), ELNINO["outputs"], atol=1e-4, rtol=0)
+
+
+def test_a_crash_loses_at_most_the_snapshot_interval(models: Path, tmp_path: Path) -> None:
+    """kill -9 writes nothing: what survives is the last periodic snapshot, and sessions go on from there (a client
+    that stepped further is told the seq to resume from)."""
+    snapshot = tmp_path / "crash.snap"
+    server = LstmServeProcess(models, "--snapshot", str(snapshot), "--snapshot-interval", "0.2", log_dir=tmp_path)
+    with server:
+        with Client(server.target) as client:
+            session = client.create_session("elnino", session_id="crashy", ttl=0)
+            first = [session.step([x])[0] for x in ELNINO["inputs"][:10]]
+            for _ in range(50):  # bounded: until a periodic write has caught all ten steps
+                time.sleep(0.1)
+                if snapshot.exists() and {s.id: s.seq for s in snapshots.read(snapshot).sessions}.get("crashy") == 10:
+                    break
+        server.kill9()
+        server.start().wait_ready()
+        with Client(server.target) as client:
+            session = client.session("crashy")
+            assert session.seq == 10
+            rest = [session.step([x])[0] for x in ELNINO["inputs"][10:]]
     np.testing.assert_allclose(np.array(first + rest), ELNINO["outputs"], atol=1e-4, rtol=0)
 
 

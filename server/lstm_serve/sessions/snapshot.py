@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import struct
 import time
 from collections.abc import Iterator
@@ -64,7 +65,7 @@ def write(path: Path, sessions: list[Session], ended: list[tuple[str, Ended]], m
         parts += (_ENDED.pack(len(sid), len(reason), len(detail), info.at), sid, reason, detail)
     body = b"".join(parts)
     data = body + hashlib.blake2b(body, digest_size=_CHECKSUM).digest()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -220,6 +220,7 @@ class App:
             ended_ttl=s.ended_session_memory,
             prefix=s.store_prefix,
             timeout=s.store_timeout,
+            cache_bytes=s.max_session_bytes,
             on_end=on_end,
             on_call=self.metrics.store_call,
         )
@@ -228,6 +229,10 @@ class App:
         """Loads the snapshot, if there is one; sessions of a model whose state shape changed end with that reason."""
         path = self.settings.snapshot
         assert path is not None
+        try:  # a snapshot that cannot be written must stop the start, not be found out at shutdown
+            snapshots.check_writable(path)
+        except OSError as exc:
+            raise StartupError(f"cannot write the snapshot {path}: {exc.strerror or exc}") from None
         if not path.exists():
             log.info("no snapshot at %s yet: starting without sessions", path)
             return

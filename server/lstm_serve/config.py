@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         1 << 30,
         ge=1 << 20,
         description="Memory store: bytes the sessions' records (state and last reply) may take together; past it, "
-        "the --max-sessions-policy applies. (With Redis, set Redis's maxmemory.)",
+        "the --max-sessions-policy applies. With Redis: what each process's cache of records may take (Redis itself: "
+        "its maxmemory).",
     )
     max_sessions_policy: Literal["evict", "refuse"] = Field(
         "evict",

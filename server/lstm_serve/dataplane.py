@@ -183,6 +183,7 @@ class DataPlane:
         await self._locks.acquire(key)  # never between the compute and the commit of a step
         try:
             session = await self._load(key, session_id, fresh=True)
+            self.model(session.model)  # NOT_FOUND, with the reason, for a model this server does not serve
             return _as_seen_by_client(await self.store.reset(key, self._zero_states[session.model]), session_id)
         finally:
             self._locks.release(key)
@@ -214,10 +215,15 @@ class DataPlane:
             found = await self._read(key)
         if isinstance(found, SessionNotFound):
             raise found
+        return await self._fitting(found, key, session_id)
+
+    async def _fitting(self, found: Session, key: str, session_id: str) -> Session:
+        """`found`, unless its record no longer fits its model's state shape: then the session ends with that reason
+        (only this very session: a session re-created meanwhile under the key, of another model, is left alone)."""
         model = self.repository.models.get(found.model)
         if model is not None and not found.fits(model.info.state_shape, model.info.output_size):
             detail = f"(model {found.model!r} changed its state shape to {list(model.info.state_shape)})"
-            await self.store.end(key, EndReason.MODEL_CHANGED, detail)
+            await self.store.end(key, EndReason.MODEL_CHANGED, detail, model=found.model)
             raise SessionNotFound(f"session {session_id!r} ended: {detail}", EndReason.MODEL_CHANGED.value)
         return found
 
@@ -237,12 +243,14 @@ class DataPlane:
         await self._locks.acquire(key)
         try:
             session = await self._load(key, session_id, fresh=False)
-            model = self.model(session.model)
-            info = model.info
-            xs, single = self._check_inputs(x, info)
-            digest = input_digest(xs)
             fresh = self.store.authoritative
+            checked: ModelInfo | None = None
             for _ in range(MAX_COMMIT_ATTEMPTS):
+                info = self.model(session.model).info  # again after every re-read: the id may now name another model
+                if info is not checked:
+                    xs, single = self._check_inputs(x, info)
+                    digest = input_digest(xs)
+                    checked = info
                 if seq != session.seq + 1:
                     if not fresh:  # a cached record may lag behind the store: look before refusing or replaying
                         session, fresh = await self._load(key, session_id, fresh=True), True
@@ -260,7 +268,11 @@ class DataPlane:
                 if isinstance(result, LstmServeError):  # ended while computing, or no room for its record
                     raise result
                 self.metrics.child(self.metrics.commit_conflicts, info.name).inc()
-                session, fresh = result.current, True
+                if result.current.created != session.created:  # ended and created anew while this step computed
+                    raise SessionNotFound(
+                        f"session {session_id!r} ended while this step was computing; the id names a new session now"
+                    )
+                session, fresh = await self._fitting(result.current, key, session_id), True
             raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
         finally:
             self._locks.release(key)

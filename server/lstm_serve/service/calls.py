@@ -118,14 +118,14 @@ class Calls:
         requests with `charge` instead)."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry (another replica, or this one once restarted)")
-        if request:
-            self.charge()
         if self._in_flight >= self.limits.max_calls:
             raise LimitExceeded(f"the server has {self._in_flight} calls in progress, its limit; retry later")
         if self._per_peer[peer] >= self.limits.max_calls_per_peer:
             raise LimitExceeded(
                 f"{self._per_peer[peer]} calls in progress from your address, its limit; close idle streams"
             )
+        if request:  # charged last: a call refused for the limits above costs the tenant nothing
+            self.charge()
         self._in_flight += 1
         self._per_peer[peer] += 1
         self._idle.clear()

@@ -166,8 +166,8 @@ class MemorySessionStore:
             except SessionNotFound as exc:  # evicted or expired while computing
                 results.append(exc)
                 continue
-            if live.rev != write.base.rev:
-                results.append(Stale(live))
+            if live is not write.base:  # the very record the step was computed from, not an equal-looking one: a
+                results.append(Stale(live))  # session ended and re-created under the id restarts its rev at 0
                 continue
             growth = len(write.after.record) - len(live.record)
             if self.bytes + growth > self.max_bytes:
@@ -194,9 +194,10 @@ class MemorySessionStore:
         self._end(session, EndReason.CLOSED, "by the client")
         return session
 
-    async def end(self, session_id: str, reason: EndReason, detail: str) -> None:
-        session = self._live.pop(session_id, None)
-        if session is not None:
+    async def end(self, session_id: str, reason: EndReason, detail: str, *, model: str = "") -> None:
+        session = self._live.get(session_id)
+        if session is not None and (not model or session.model == model):
+            del self._live[session_id]
             self._end(session, reason, detail)
 
     async def sweep(self) -> int:

@@ -66,6 +66,7 @@ class RedisSessionStore:
         prefix: str = "lstm:",
         timeout: float = 2.0,
         cache_size: int = 100_000,
+        cache_bytes: int = 256 << 20,
         max_connections: int = 32,
         on_end: EndHook | None = None,
         on_call: CallHook | None = None,
@@ -80,6 +81,8 @@ class RedisSessionStore:
         self._on_end = on_end
         self._cache: dict[str, Session] = {}
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes  # records hold the last reply too: a few long ones must not fill memory
+        self._cached_bytes = 0
         # Short timeouts: a step waiting on a dead Redis is better answered UNAVAILABLE (the client retries) than held.
         # One quick retry on a broken connection covers a pooled connection that a Redis restart closed.
         # A bounded pool that makes callers wait for a free connection (a burst of creates must queue, not fail with
@@ -134,12 +137,21 @@ class RedisSessionStore:
             self._on_end(events[i].decode(), EndReason(events[i + 1].decode()))
 
     def _remember(self, session: Session) -> Session:
+        """Caches the record, most recent last, within the count and byte bounds (the oldest go first)."""
         cache = self._cache
-        cache.pop(session.id, None)
-        if len(cache) >= self._cache_size:
-            del cache[next(iter(cache))]
+        self._forget(session.id)
+        while cache and (
+            len(cache) >= self._cache_size or self._cached_bytes + len(session.record) > self._cache_bytes
+        ):
+            self._forget(next(iter(cache)))
         cache[session.id] = session
+        self._cached_bytes += len(session.record)
         return session
+
+    def _forget(self, session_id: str) -> None:
+        dropped = self._cache.pop(session_id, None)
+        if dropped is not None:
+            self._cached_bytes -= len(dropped.record)
 
     def _decode(self, session_id: str, reply: Sequence[Any]) -> LoadResult:
         if reply[0] == 1:
@@ -212,7 +224,7 @@ class RedisSessionStore:
                 if isinstance(found, Session):
                     self._remember(found)
                 else:
-                    self._cache.pop(session_id, None)
+                    self._forget(session_id)
                 results[session_id] = found
         return [results[session_id] for session_id in session_ids]
 
@@ -228,7 +240,7 @@ class RedisSessionStore:
             replies, events = await self._run("COMMIT", *args, items=len(writes))
         except BaseException:
             for write in writes:  # the write may or may not have landed: read it again next time
-                self._cache.pop(write.base.id, None)
+                self._forget(write.base.id)
             raise
         self._events(events)
         results: list[CommitResult] = []
@@ -240,7 +252,7 @@ class RedisSessionStore:
             if isinstance(found, Session):
                 results.append(Stale(self._remember(found)))
             else:
-                self._cache.pop(after.id, None)
+                self._forget(after.id)
                 results.append(found)
         return results
 
@@ -253,11 +265,11 @@ class RedisSessionStore:
         try:
             return self._live_or_raise(session_id, reply)
         finally:
-            self._cache.pop(session_id, None)
+            self._forget(session_id)
 
-    async def end(self, session_id: str, reason: EndReason, detail: str) -> None:
-        _, events = await self._run("FINISH", session_id, reason.value, detail, "")
-        self._cache.pop(session_id, None)
+    async def end(self, session_id: str, reason: EndReason, detail: str, *, model: str = "") -> None:
+        _, events = await self._run("FINISH", session_id, reason.value, detail, model)
+        self._forget(session_id)
         self._events(events)
 
     async def sweep(self) -> int:
@@ -290,6 +302,6 @@ class RedisSessionStore:
         self._events(events)
         found = self._decode(session_id, found_reply)
         if isinstance(found, SessionNotFound):
-            self._cache.pop(session_id, None)
+            self._forget(session_id)
             raise found
         return self._remember(found)

@@ -77,6 +77,13 @@ def write(path: Path, sessions: list[Session], ended: list[tuple[str, Ended]], m
     return len(data)
 
 
+def check_writable(path: Path) -> None:
+    """Raises OSError unless a snapshot can be written at `path` (its directory exists and takes a new file)."""
+    probe = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.probe")
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def read(path: Path) -> Snapshot:
     try:
         data = path.read_bytes()

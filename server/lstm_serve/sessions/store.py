@@ -203,8 +203,9 @@ class SessionStore(Protocol):
 
     async def close(self, session_id: str) -> Session: ...
 
-    async def end(self, session_id: str, reason: EndReason, detail: str) -> None:
-        """Ends a live session for a reason of the server's (a model that changed shape); no-op if already gone."""
+    async def end(self, session_id: str, reason: EndReason, detail: str, *, model: str = "") -> None:
+        """Ends a live session for a reason of the server's (a model that changed shape); no-op if already gone, or
+        if `model` is given and the session under the id now is of another model (re-created meanwhile)."""
         ...
 
     async def sweep(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -162,6 +163,61 @@ async def write(call: Any, request: object) -> None:
         if exc.code() != grpc.StatusCode.INTERNAL:
             raise
         raise StreamBroken(f"the step stream broke: {exc.details()}") from None
+
+
+async def read(call: Any, seconds: float) -> Any:
+    """The next reply of a grpc.aio stream call, waited for at most `seconds`: a server that stalls, or a connection
+    that died without a reset, is a broken stream (reopened and resent), not a wait for ever."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await call.read()
+    except TimeoutError:
+        call.cancel()
+        raise StreamBroken(f"no reply within {seconds:g} s") from None
+
+
+class ReplyWatchdog:
+    """The same bound for the blocking client, whose stream replies cannot be waited for with a timeout: one thread
+    per stream (not per step) cancels the call when the reply it waits for is overdue."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.fired = False
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._call: Any = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, call: Any) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lstm-stream-watchdog", daemon=True)
+                self._thread.start()
+            self._deadline, self._call, self.fired = time.monotonic() + self.timeout, call, False
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = self._call = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self.fired, call, self._deadline = True, self._call, None
+                call.cancel()
 
 
 def _pause(exc: BaseException, schedule: RetrySchedule | None, on_retry: OnRetry | None) -> float | None:

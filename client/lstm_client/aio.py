@@ -228,7 +228,7 @@ class _AsyncStepStream:
             while self._unsent:
                 await _retry.write(self._call, self._unsent[0])
                 self._unsent.pop(0)
-            reply = await self._call.read()
+            reply = await _retry.read(self._call, self._client.timeout)
         except (grpc.RpcError, StreamBroken):
             self._drop()
             raise

@@ -242,6 +242,7 @@ class _StepStream:
         self._unsent: list[lstm_pb2.StepRequest] = []  # accepted, not yet written on the current call
         self._requests: queue.SimpleQueue[object] | None = None
         self._responses: Any = None  # the call; iterating it gives the replies
+        self._watchdog = _retry.ReplyWatchdog(client.timeout)  # a reply overdue by `timeout` breaks the stream
 
     def _open(self) -> None:
         requests: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -273,6 +274,7 @@ class _StepStream:
         assert self._requests is not None
         while self._unsent:
             self._requests.put(self._unsent.pop(0))
+        self._watchdog.arm(self._responses)
         try:
             reply: lstm_pb2.StepReply = next(self._responses)
         except StopIteration:
@@ -280,7 +282,11 @@ class _StepStream:
             raise StreamBroken("the server ended the step stream early") from None
         except grpc.RpcError:
             self._drop()
+            if self._watchdog.fired:
+                raise StreamBroken(f"no reply within {self._watchdog.timeout:g} s") from None
             raise
+        finally:
+            self._watchdog.disarm()
         if reply.HasField("error"):
             err = error_from_detail(reply.error)
             if _retry.retryable(err):  # not applied (or applied and stored): resend on a new call
@@ -290,6 +296,7 @@ class _StepStream:
         return _calls.step_outputs(reply)
 
     def close(self) -> None:
+        self._watchdog.close()
         if self._requests is None:
             return
         self._requests.put(_END)

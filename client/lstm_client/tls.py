@@ -7,7 +7,7 @@ Client("10.0.0.7:50051", tls=TlsConfig(ca="ca.pem", cert="client.pem", key="clie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -40,7 +40,7 @@ class TlsConfig:
 
     ca: Pem | None = None
     cert: Pem | None = None
-    key: Pem | None = None
+    key: Pem | None = field(default=None, repr=False)  # never printed: it may be the private key itself
     server_name: str | None = None
 
     def __post_init__(self) -> None:

@@ -283,7 +283,10 @@ class App:
     async def _watch_store(self) -> None:
         while True:
             await asyncio.sleep(STORE_CHECK_INTERVAL)
-            await self._check_store()
+            try:
+                await self._check_store()
+            except Exception:  # a bug or an unexpected store error must not end the watch for good
+                log.exception("checking the session store failed")
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -294,6 +297,9 @@ class App:
                 expired = await self.plane.sweep()
             except StoreUnavailable:
                 continue  # the store watcher reports the outage; the next sweep catches up
+            except Exception:  # a bug or an unexpected store error must not end sweeping for good
+                log.exception("sweeping idle sessions failed")
+                continue
             if expired:
                 log.info("expired %d idle session(s)", expired)
 
@@ -313,7 +319,7 @@ class App:
         for task in (self._sweeper, self._watcher, self._snapshotter):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # nothing may cost the snapshot
                     await task
         if self._plane is not None:
             await self._plane.close()
@@ -340,7 +346,7 @@ class App:
             self._snapshot_writing = loop.run_in_executor(None, snapshots.write, path, live, ended, models)
             try:
                 size = await asyncio.shield(self._snapshot_writing)
-            except OSError as exc:
+            except Exception as exc:  # a full disk, or a bug: log it, keep serving, try again next time
                 log.error("could not write the snapshot %s: %s", path, exc)
                 continue
             log.debug("wrote %d session(s) to %s (%d bytes)", len(live), path, size)

@@ -198,7 +198,7 @@ async def _stream(
             for run in list(outstanding.values()):
                 await send(call, run)
             while outstanding:
-                reply = await call.read()
+                reply = await _retry.read(call, config.timeout)
                 if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
                     raise StreamBroken("the server ended the step stream early")
                 run = by_id[reply.session_id]

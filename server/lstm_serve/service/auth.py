@@ -100,7 +100,15 @@ class Tokens:
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._stamp:
             return False
-        table = parse_tokens(path.read_text(encoding="utf-8").splitlines(), str(path))
+        text = path.read_text(encoding="utf-8")
+        after = os.stat(path)
+        if (after.st_mtime_ns, after.st_size, after.st_ino) != stamp:
+            return False  # being written: read it again at the next check
+        table = parse_tokens(text.splitlines(), str(path))
+        if not table and self._table.keys() - self._fixed.keys():
+            # a file caught truncated mid-rewrite parses as "no tokens": never revoke everyone that way
+            self._stamp = stamp  # said once; a later write of the file is read again
+            raise TokenFileError(f"the tokens file {path} is empty now; keeping the tokens loaded before")
         self._table = self._fixed | table
         self._index = _index(self._table)
         self._stamp = stamp

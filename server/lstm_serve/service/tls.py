@@ -13,10 +13,10 @@ them, so that a broken set stops the start with one line instead of failing ever
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import ssl
+import tempfile
 import threading
 from pathlib import Path
 
@@ -38,6 +38,7 @@ class CertificateFiles:
         self.client_ca = client_ca
         self._lock = threading.Lock()  # fetch() runs on gRPC's threads
         self._stamp: Stamp = ()
+        self._read_stamp: Stamp = ()  # the files as the last read found them
         self.reloads = 0
 
     @property
@@ -55,16 +56,24 @@ class CertificateFiles:
         return tuple(stamps)
 
     def load(self) -> grpc.ServerCertificateConfiguration:
-        """Reads and checks the files; raises TlsError saying what is wrong."""
+        """Reads and checks the files; raises TlsError saying what is wrong. What is checked is the very bytes that are
+        handed to gRPC, and only a read during which no file changed counts (a rotation renames two files)."""
         try:
             stamp = self._stamps()
             cert, key = self.cert.read_bytes(), self.key.read_bytes()
             ca = self.client_ca.read_bytes() if self.client_ca is not None else None
+            if self._stamps() != stamp:
+                raise TlsError("the certificate files changed while being read; trying again at the next connection")
         except OSError as exc:
             raise TlsError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+        self._read_stamp = stamp
         check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            check.load_cert_chain(self.cert, self.key)
+            with tempfile.TemporaryDirectory() as scratch:  # ssl loads a chain from files only: check the bytes read
+                cert_file, key_file = Path(scratch, "cert.pem"), Path(scratch, "key.pem")
+                cert_file.write_bytes(cert)
+                key_file.write_bytes(key)
+                check.load_cert_chain(cert_file, key_file)
         except (ssl.SSLError, OSError) as exc:
             raise TlsError(
                 f"{self.cert} and {self.key} are not a PEM certificate chain and its private key ({exc})"
@@ -90,8 +99,8 @@ class CertificateFiles:
                 config = self.load()
             except TlsError as exc:
                 log.error("TLS certificates changed but cannot be used, the previous ones stay in force: %s", exc)
-                with contextlib.suppress(OSError):
-                    self._stamp = self._stamps()  # said once per change, not once per connection
+                # said once per change, not per connection: the files as READ, so a later change is seen
+                self._stamp = self._read_stamp
                 return None
             self.reloads += 1
             log.info("TLS certificates re-read from %s", ", ".join(str(p) for p in self._paths()))

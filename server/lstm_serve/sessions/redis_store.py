@@ -123,7 +123,7 @@ class RedisSessionStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"session store unavailable ({type(exc).__name__}); retry shortly") from exc
         except rexc.ResponseError as exc:
-            if str(exc).startswith(("OOM", "LOADING", "MASTERDOWN", "NOREPLICAS")):
+            if str(exc).startswith(("OOM", "LOADING", "MASTERDOWN", "NOREPLICAS", "MISCONF")):
                 raise StoreUnavailable(f"session store refused the write: {str(exc).split(chr(10))[0]}") from exc
             raise
         finally:

@@ -6,15 +6,17 @@ twins stay thin and cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import duration_pb2
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
-from lstm_client.errors import error_from_detail
+from lstm_client.errors import LstmError, error_from_detail
 from lstm_client.tensor import FloatArray, from_tensor, to_tensor
 
 
@@ -118,6 +120,44 @@ def step_outputs(reply: lstm_pb2.StepResponse | lstm_pb2.StepReply) -> FloatArra
     if isinstance(reply, lstm_pb2.StepReply) and reply.HasField("error"):
         raise error_from_detail(reply.error)
     return from_tensor(reply.outputs)
+
+
+class _Stepping(Protocol):
+    """A session as step_many needs it (Session and AsyncSession): its id, and the seq it has reached."""
+
+    id: str
+    seq: int
+
+
+S = TypeVar("S", bound=_Stepping)
+
+
+@dataclass(frozen=True, slots=True)
+class ManyResult(Generic[S]):
+    """What a many-session step gave each session: its outputs, or the error that refused its step (that session's
+    seq did not advance; the others' did)."""
+
+    outputs: dict[S, FloatArray] = field(default_factory=dict)
+    errors: dict[S, LstmError] = field(default_factory=dict)
+
+
+def step_many_request(steps: Mapping[S, npt.ArrayLike]) -> lstm_pb2.StepManyRequest:
+    return lstm_pb2.StepManyRequest(steps=[step_request(s.id, s.seq + 1, x) for s, x in steps.items()])
+
+
+def many_result(sessions: list[S], replies: Sequence[lstm_pb2.StepReply]) -> ManyResult[S]:
+    """Sorts the replies (in the request's order) into outputs and errors, advancing the seq of each session whose
+    step was applied."""
+    if len(replies) != len(sessions):
+        raise LstmError(f"the server answered {len(replies)} of {len(sessions)} steps")
+    result: ManyResult[S] = ManyResult()
+    for session, reply in zip(sessions, replies, strict=True):
+        if reply.HasField("error"):
+            result.errors[session] = error_from_detail(reply.error)
+        else:
+            result.outputs[session] = from_tensor(reply.outputs)
+            session.seq += 1
+    return result
 
 
 def predict_request(

@@ -4,7 +4,7 @@ retries via `_retry`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self, TypeVar
 
@@ -13,7 +13,7 @@ import grpc.aio
 import numpy.typing as npt
 
 from lstm_client import _calls, _retry
-from lstm_client._calls import ModelFailure, ModelInfo, Prediction, SessionInfo
+from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.client import DEFAULT_OPTIONS
@@ -124,6 +124,12 @@ class AsyncClient:
     async def session_info(self, session_id: str) -> SessionInfo:
         request = lstm_pb2.GetSessionRequest(session_id=session_id)
         return _calls.session_info(await self._invoke("GetSession", request, affinity=session_id))
+
+    async def step_many(self, steps: Mapping[AsyncSession, npt.ArrayLike]) -> ManyResult[AsyncSession]:
+        """See `Client.step_many`."""
+        sessions = list(steps)
+        response = await self._invoke("StepMany", _calls.step_many_request(steps))
+        return _calls.many_result(sessions, response.replies)
 
     async def predict(
         self, model: str, xs: npt.ArrayLike, *, h0: npt.ArrayLike | None = None, c0: npt.ArrayLike | None = None

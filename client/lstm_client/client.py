@@ -4,7 +4,7 @@ through `_retry`."""
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -13,7 +13,7 @@ import grpc
 import numpy.typing as npt
 
 from lstm_client import _calls, _retry
-from lstm_client._calls import ModelFailure, ModelInfo, Prediction, SessionInfo
+from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.errors import SessionGone, error_from_detail
@@ -152,6 +152,14 @@ class Client:
     def session_info(self, session_id: str) -> SessionInfo:
         request = lstm_pb2.GetSessionRequest(session_id=session_id)
         return _calls.session_info(self._invoke("GetSession", request, affinity=session_id))
+
+    def step_many(self, steps: Mapping[Session, npt.ArrayLike]) -> ManyResult[Session]:
+        """One step for each of many sessions in one call, e.g. {session: x, ...}: each applied exactly once, each
+        answered on its own. Retried as a whole like any step (every step keeps its seq, so none is applied twice);
+        a step refused (a SequenceError, a session gone...) is in `errors`, and its session's seq stays."""
+        sessions = list(steps)
+        response = self._invoke("StepMany", _calls.step_many_request(steps))
+        return _calls.many_result(sessions, response.replies)
 
     def predict(
         self, model: str, xs: npt.ArrayLike, *, h0: npt.ArrayLike | None = None, c0: npt.ArrayLike | None = None

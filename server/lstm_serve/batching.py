@@ -29,10 +29,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from lstm_serve.engine.cell import F32
-from lstm_serve.engine.model import Model
+from lstm_serve.engine.model import Model, StepResult
 from lstm_serve.errors import ShuttingDown
 
-StepResult = tuple[F32, F32]  # outputs (T, O), new state (2, L, H)
+__all__ = ["Batcher", "StepResult"]
 
 # A step arriving sooner than this after the previous batch finished means requests are queueing: gather. Well below
 # a network round trip (~0.5 ms on loopback), so a lone client in ping-pong never pays for the gathering turn.
@@ -70,11 +70,28 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
+    def _inline(self, steps: int) -> bool:
+        return self._executor is None or (self._inline_max_steps is not None and steps <= self._inline_max_steps)
+
     async def submit(self, x: F32, state: F32) -> StepResult:
         """x (T, I) already validated; state (2, L, H) is read, never written."""
-        if self._executor is None or (self._inline_max_steps is not None and len(x) <= self._inline_max_steps):
+        if self._inline(len(x)):
             return await self._submit_inline(x, state)
         return await self._submit_threaded(x, state)
+
+    async def submit_many(self, xs: list[F32], states: list[F32]) -> list[StepResult]:
+        """Steps that arrived together already (a message carrying many sessions' steps): computed in batches of at
+        most max_batch, at once, without waiting for company."""
+        if all(self._inline(len(x)) for x in xs):
+            results: list[StepResult] = []
+            for start in range(0, len(xs), self.max_batch):
+                chunk = [
+                    _Pending(x, s, None)
+                    for x, s in zip(xs[start : start + self.max_batch], states[start:], strict=False)
+                ]
+                results += self._compute_inline(chunk)
+            return results
+        return list(await asyncio.gather(*(self._submit_threaded(x, s) for x, s in zip(xs, states, strict=True))))
 
     async def _submit_inline(self, x: F32, state: F32) -> StepResult:
         if self._forming is not None and len(self._forming) < self.max_batch:
@@ -97,7 +114,7 @@ class Batcher:
 
     def _compute_inline(self, batch: list[_Pending]) -> list[StepResult]:
         try:
-            results = self.model.run_batch([p.x for p in batch], [p.state for p in batch])
+            results = self.model.run_batch_checked([p.x for p in batch], [p.state for p in batch])
         except Exception as exc:  # a backend failure fails this batch only; the sessions keep their old state
             self._fail(batch, exc)
             raise
@@ -140,7 +157,7 @@ class Batcher:
                 xs, states = [p.x for p in batch], [p.state for p in batch]
                 self._computing = batch
                 try:
-                    results = await loop.run_in_executor(self._executor, self.model.run_batch, xs, states)
+                    results = await loop.run_in_executor(self._executor, self.model.run_batch_checked, xs, states)
                 except Exception as exc:
                     self._fail(batch, exc)
                     continue

@@ -6,8 +6,9 @@ layer. Raises only the domain errors of lstm_serve.errors.
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,6 +36,7 @@ from lstm_serve.sessions import (
     EndReason,
     Session,
     SessionStore,
+    Stale,
     StepWrite,
     input_digest,
     new_session_id,
@@ -44,7 +46,7 @@ from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a trans
 from lstm_serve.sessions.store import LoadResult
 
 # The types of this API, for the transports (which import nothing past this module).
-__all__ = ["F32", "TENANT_NAME", "DataPlane", "Limits", "ModelInfo", "Session", "StepOutcome"]
+__all__ = ["F32", "TENANT_NAME", "DataPlane", "Limits", "ModelInfo", "Session", "StepItem", "StepOutcome"]
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
 MAX_COMMIT_ATTEMPTS = 4  # a step recomputed after losing its compare-and-set this often is answered UNAVAILABLE
@@ -58,6 +60,27 @@ class Limits:
     inline_max_parameters: int = 200_000
     inline_max_steps: int = 32
     max_sessions_per_tenant: int = 0  # store-wide; 0 = no limit
+
+
+@dataclass(frozen=True, slots=True)
+class StepItem:
+    """One session's step in a message that carries many (DataPlane.step_many)."""
+
+    session_id: str
+    seq: int
+    x: F32  # (I,) or (T, I)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """An item of step_many on the batched path: its lock held, its session read, its inputs checked."""
+
+    item: int
+    key: str
+    session: Session
+    xs: F32
+    single: bool
+    digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,39 +266,179 @@ class DataPlane:
         await self._locks.acquire(key)
         try:
             session = await self._load(key, session_id, fresh=False)
-            fresh = self.store.authoritative
-            checked: ModelInfo | None = None
-            for _ in range(MAX_COMMIT_ATTEMPTS):
-                info = self.model(session.model).info  # again after every re-read: the id may now name another model
-                if info is not checked:
-                    xs, single = self._check_inputs(x, info)
-                    digest = input_digest(xs)
-                    checked = info
-                if seq != session.seq + 1:
-                    if not fresh:  # a cached record may lag behind the store: look before refusing or replaying
-                        session, fresh = await self._load(key, session_id, fresh=True), True
-                        continue
-                    outputs = self._replay(session, session_id, seq, digest, info)
-                    return StepOutcome(session_id, seq, outputs[0] if single else outputs)
-                ys, new_state = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
-                _check_finite(ys, new_state)
-                outputs = ys[0] if single else ys
-                after = session.stepped(seq, new_state, outputs, digest, self.store.now())
-                result = await self._commit(StepWrite(session, after))
-                if isinstance(result, Session):
-                    self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
-                    return StepOutcome(session_id, seq, outputs)
-                if isinstance(result, LstmServeError):  # ended while computing, or no room for its record
-                    raise result
-                self.metrics.child(self.metrics.commit_conflicts, info.name).inc()
-                if result.current.created != session.created:  # ended and created anew while this step computed
-                    raise SessionNotFound(
-                        f"session {session_id!r} ended while this step was computing; the id names a new session now"
-                    )
-                session, fresh = await self._fitting(result.current, key, session_id), True
-            raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
+            return await self._step_locked(key, session_id, seq, x, session, fresh=self.store.authoritative)
         finally:
             self._locks.release(key)
+
+    async def _step_locked(
+        self, key: str, session_id: str, seq: int, x: F32, session: Session, *, fresh: bool, attempts: int = 0
+    ) -> StepOutcome:
+        """The step of `step` once its lock is held and `session` read (`fresh`: known current); `attempts`
+        compare-and-sets were already lost."""
+        checked: ModelInfo | None = None
+        for _ in range(attempts, MAX_COMMIT_ATTEMPTS):
+            info = self.model(session.model).info  # again after every re-read: the id may now name another model
+            if info is not checked:
+                xs, single = self._check_inputs(x, info)
+                digest = input_digest(xs)
+                checked = info
+            if seq != session.seq + 1:
+                if not fresh:  # a cached record may lag behind the store: look before refusing or replaying
+                    session, fresh = await self._load(key, session_id, fresh=True), True
+                    continue
+                outputs = self._replay(session, session_id, seq, digest, info)
+                return StepOutcome(session_id, seq, outputs[0] if single else outputs)
+            ys, new_state, finite = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
+            if not finite:
+                raise InvalidInput(OVERFLOW)
+            outputs = ys[0] if single else ys
+            result = await self._commit(
+                StepWrite(session, session.stepped(seq, new_state, outputs, digest, self.store.now()))
+            )
+            if isinstance(result, Session):
+                self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
+                return StepOutcome(session_id, seq, outputs)
+            session = await self._lost_commit(result, session, key, session_id)
+            fresh = True
+        raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
+
+    async def _lost_commit(self, result: CommitResult, base: Session, key: str, session_id: str) -> Session:
+        """What a step decides again from when its commit did not apply: the session as the store has it now."""
+        if isinstance(result, LstmServeError):  # ended while computing, or no room for its record
+            raise result
+        assert not isinstance(result, Session)
+        self.metrics.child(self.metrics.commit_conflicts, base.model).inc()
+        if result.current.created != base.created:  # ended and created anew while this step computed
+            raise SessionNotFound(
+                f"session {session_id!r} ended while this step was computing; the id names a new session now"
+            )
+        return await self._fitting(result.current, key, session_id)
+
+    async def step_many(self, items: Sequence[StepItem], *, tenant: str = "") -> list[StepOutcome | Exception]:
+        """Applies steps of many sessions that came in one message: each exactly once, as `step` would, and each
+        answered on its own (its outcome, or the error that refused it; an exception that is not an LstmServeError
+        is a bug, for the transport to report as internal).
+
+        Built for a gateway multiplexing thousands of devices: the common case (a free lock, the next seq) costs one
+        store read and one store commit for the whole message and one batched compute per model; anything else (a
+        retry, a lock held by another call, a lost compare-and-set, a session named twice) goes through the single
+        step's path, in the message's order for each session.
+        """
+        total = sum(len(item.x) if item.x.ndim == 2 else 1 for item in items)
+        if total > self.limits.max_steps_per_request:
+            raise LimitExceeded(f"{total} time steps in one request; the limit is {self.limits.max_steps_per_request}")
+        out: list[StepOutcome | Exception | None] = [None] * len(items)
+        mine: dict[str, int] = {}  # key -> the item this call holds the key's lock for
+        queued: list[tuple[int, str]] = []  # items that wait for their key's lock, in the message's order
+        for i, item in enumerate(items):
+            try:
+                key = session_key(tenant, item.session_id)
+            except LstmServeError as exc:
+                out[i] = exc
+                continue
+            if key not in mine and self._locks.try_acquire(key):
+                mine[key] = i
+            else:
+                queued.append((i, key))
+        later = [
+            asyncio.ensure_future(self.step(items[i].session_id, items[i].seq, items[i].x, tenant=tenant))
+            for i, _ in queued
+        ]
+        try:
+            try:
+                await self._step_held(items, mine, out)
+            finally:
+                for key in mine:
+                    self._locks.release(key)
+            for (i, _), done in zip(queued, await asyncio.gather(*later, return_exceptions=True), strict=True):
+                out[i] = _outcome(done)
+        finally:
+            for task in later:
+                task.cancel()
+        return [o if o is not None else RuntimeError("step left unanswered") for o in out]
+
+    async def _step_held(
+        self, items: Sequence[StepItem], mine: dict[str, int], out: list[StepOutcome | Exception | None]
+    ) -> None:
+        """The items whose locks this call holds: read together, computed together, committed together."""
+        try:
+            found = await self.store.load(list(mine), fresh=False)
+        except LstmServeError as exc:
+            for i in mine.values():
+                out[i] = exc
+            return
+        jobs: dict[str, list[_Job]] = {}
+        general: list[tuple[int, str, Session, Stale | None]] = []  # the single step's path, under the held lock
+        for (key, i), session in zip(mine.items(), found, strict=True):
+            item = items[i]
+            try:
+                if isinstance(session, SessionNotFound):
+                    raise session
+                model = self.repository.models.get(session.model)
+                if model is None or item.seq != session.seq + 1:
+                    general.append((i, key, session, None))
+                    continue
+                info = model.info
+                if not session.fits(info.state_shape, info.output_size):
+                    general.append((i, key, session, None))
+                    continue
+                xs, single = self._check_inputs(item.x, info)
+            except LstmServeError as exc:
+                out[i] = exc
+                continue
+            jobs.setdefault(info.name, []).append(_Job(i, key, session, xs, single, input_digest(xs)))
+        writes: list[tuple[_Job, F32, StepWrite]] = []
+        now = self.store.now()
+        for name, group in jobs.items():
+            shape = self.repository.models[name].info.state_shape
+            try:
+                results = await self._batchers[name].submit_many(
+                    [j.xs for j in group], [j.session.state_array(shape) for j in group]
+                )
+            except Exception as exc:  # a backend failure fails this model's steps; their sessions keep their state
+                for j in group:
+                    out[j.item] = exc
+                continue
+            for j, (ys, state, finite) in zip(group, results, strict=True):
+                if not finite:
+                    out[j.item] = InvalidInput(OVERFLOW)
+                    continue
+                outputs = ys[0] if j.single else ys
+                after = j.session.stepped(items[j.item].seq, state, outputs, j.digest, now)
+                writes.append((j, outputs, StepWrite(j.session, after)))
+        if writes:
+            committed: Sequence[CommitResult]
+            try:
+                committed = await self.store.commit([write for _, _, write in writes])
+            except LstmServeError as exc:
+                committed = [exc] * len(writes)  # type: ignore[list-item]
+            applied: dict[str, int] = {}
+            for (j, outputs, write), result in zip(writes, committed, strict=True):
+                if isinstance(result, Session):
+                    applied[write.base.model] = applied.get(write.base.model, 0) + len(j.xs)
+                    out[j.item] = StepOutcome(items[j.item].session_id, items[j.item].seq, outputs)
+                elif isinstance(result, Stale):
+                    general.append((j.item, j.key, write.base, result))
+                else:
+                    out[j.item] = result
+            for name, count in applied.items():
+                self.metrics.child(self.metrics.steps, name).inc(count)
+        if general:
+            done = await asyncio.gather(
+                *(self._general(items[i], key, session, lost) for i, key, session, lost in general),
+                return_exceptions=True,
+            )
+            for (i, *_), outcome in zip(general, done, strict=True):
+                out[i] = _outcome(outcome)
+
+    async def _general(self, item: StepItem, key: str, session: Session, lost: Stale | None) -> StepOutcome:
+        """One item of step_many that the batched path did not settle, on the single step's path (lock held)."""
+        if lost is not None:
+            session = await self._lost_commit(lost, session, key, item.session_id)
+            return await self._step_locked(key, item.session_id, item.seq, item.x, session, fresh=True, attempts=1)
+        session = await self._fitting(session, key, item.session_id)
+        fresh = self.store.authoritative
+        return await self._step_locked(key, item.session_id, item.seq, item.x, session, fresh=fresh)
 
     def _replay(self, session: Session, session_id: str, seq: int, digest: bytes, info: ModelInfo) -> F32:
         """The stored reply of a retried step, or the reason the step cannot be applied."""
@@ -312,8 +475,9 @@ class DataPlane:
             if not np.all(np.isfinite(given)):
                 raise InvalidInput(f"{name} contains NaN or Inf")
             state[i] = given
-        ys, final = await self._batchers[info.name].submit(xs, state)
-        _check_finite(ys, final)
+        ys, final, finite = await self._batchers[info.name].submit(xs, state)
+        if not finite:
+            raise InvalidInput(OVERFLOW)
         return ys, final[0], final[1]
 
     def _check_inputs(self, x: F32, info: ModelInfo) -> tuple[F32, bool]:
@@ -341,11 +505,16 @@ class DataPlane:
         return xs, single
 
 
-def _check_finite(outputs: F32, state: F32) -> None:
-    """Finite inputs so large that the arithmetic overflows (a sum of +Inf and -Inf terms is NaN) must not become a
-    session's state: a NaN state would poison every later step. Refused like any bad input, nothing applied."""
-    if not (np.isfinite(state).all() and np.isfinite(outputs).all()):
-        raise InvalidInput("inputs too large: the model's arithmetic overflows to Inf or NaN; nothing was applied")
+# Finite inputs so large that the arithmetic overflows (a sum of +Inf and -Inf terms is NaN) must not become a
+# session's state: a NaN state would poison every later step. Refused like any bad input, nothing applied.
+OVERFLOW = "inputs too large: the model's arithmetic overflows to Inf or NaN; nothing was applied"
+
+
+def _outcome(result: StepOutcome | BaseException) -> StepOutcome | Exception:
+    """A gathered step's outcome; a cancellation is not an outcome, it goes on up."""
+    if isinstance(result, BaseException) and not isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _as_seen_by_client(session: Session, session_id: str) -> Session:

@@ -32,6 +32,13 @@ class KeyedLock:
                     waiters.remove(future)
             raise
 
+    def try_acquire(self, key: str) -> bool:
+        """Takes the key if nobody holds it (no waiting, no await); returns whether it did."""
+        if key in self._held:
+            return False
+        self._held[key] = deque()
+        return True
+
     def release(self, key: str) -> None:
         waiters = self._held[key]
         while waiters:

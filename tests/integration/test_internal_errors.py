@@ -87,3 +87,26 @@ async def test_a_step_that_would_leave_a_nan_state_is_refused_and_changes_nothin
         backend.overflowing = False
         assert (await session.info()).seq == 1
         np.testing.assert_allclose(await session.step(x[1]), expected[1], atol=TOLERANCE)
+
+
+async def test_step_many_fails_each_step_of_a_failing_backend_and_changes_nothing(
+    flaky: tuple[str, FlakyBackend],
+) -> None:
+    target, backend = flaky
+    x = golden("golden_l1_nohead").inputs[0]
+    async with AsyncClient(target) as client:
+        expected = (await client.predict("flaky", x[:2])).outputs
+        sessions = [await client.create_session("flaky") for _ in range(3)]
+        await client.step_many(dict.fromkeys(sessions, x[0]))
+        backend.failing = True
+        failed = await client.step_many(dict.fromkeys(sessions, x[1]))
+        assert not failed.outputs
+        assert {type(e) for e in failed.errors.values()} == {ServerError}
+        backend.failing, backend.overflowing = False, True
+        overflowed = await client.step_many(dict.fromkeys(sessions, x[1]))
+        assert all(isinstance(e, InvalidArgument) and "overflows" in e.message for e in overflowed.errors.values())
+        backend.overflowing = False
+        assert [(await s.info()).seq for s in sessions] == [1, 1, 1]
+        result = await client.step_many(dict.fromkeys(sessions, x[1]))
+        for s in sessions:
+            np.testing.assert_allclose(result.outputs[s], expected[1], atol=TOLERANCE)

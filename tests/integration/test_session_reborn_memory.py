@@ -39,7 +39,9 @@ async def test_in_flight_step_lands_in_a_recreated_session_through_the_dataplane
     batcher = plane._batchers["a"]
     real = batcher.submit
 
-    async def slow(x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # a compute that takes a while
+    async def slow(
+        x: np.ndarray, state: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, bool]:  # a compute that takes a while
         await gate.wait()
         return await real(x, state)
 

@@ -41,7 +41,7 @@ async def test_concurrent_steps_share_one_batch_and_each_gets_its_own_result() -
     results = await asyncio.gather(*(batcher.submit(x, s) for x, s in zip(xs, states, strict=True)))
     await batcher.close()
     assert sizes == [1, 19]  # the first finds the server idle and goes alone; the burst behind it shares a batch
-    for x, s, (ys, new_state) in zip(xs, states, results, strict=True):
+    for x, s, (ys, new_state, _) in zip(xs, states, results, strict=True):
         [(ys_alone, state_alone)] = model.run_batch([x], [s])
         np.testing.assert_allclose(ys, ys_alone, atol=1e-6)
         np.testing.assert_allclose(new_state, state_alone, atol=1e-6)

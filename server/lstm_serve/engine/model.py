@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,9 @@ import numpy as np
 from lstm_serve.engine.backend import Backend
 from lstm_serve.engine.cell import F32
 from lstm_serve.engine.weights import ModelWeights, Normalization
+
+# What a batch hands each session: its outputs (T, O), its new state (2, L, H), and whether both are finite.
+StepResult = tuple[F32, F32, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,32 +67,55 @@ class Model:
         return np.zeros(self.info.state_shape, dtype=np.float32)
 
     def run_batch(self, xs: list[F32], states: list[F32]) -> list[tuple[F32, F32]]:
-        """Advances B sessions at once: xs[b] (T_b, I) raw inputs, states[b] (2, L, H).
+        """Advances B sessions at once: xs[b] (T_b, I) raw inputs, states[b] (2, L, H); returns, per session, its
+        outputs (T_b, O) and its new state (see run_batch_checked)."""
+        return [(ys, state) for ys, state, _ in self.run_batch_checked(xs, states)]
 
-        Returns, per session, its outputs (T_b, O) and its new state. Sequences may differ in length: sorted longest
-        first, the sessions still running at time t are a prefix of the batch, so each time step is one backend call
-        on contiguous slices. Arguments are never modified, so a failure leaves every session as it was.
+    def run_batch_checked(self, xs: list[F32], states: list[F32]) -> list[StepResult]:
+        """run_batch, plus whether each session's outputs and new state are all finite: finite inputs so large that
+        the arithmetic overflows must not become a session's state, and one check over the whole batch costs what a
+        check per session would cost for one.
+
+        Sequences may differ in length: sorted longest first, the sessions still running at time t are a prefix of
+        the batch, so each time step is one backend call on contiguous slices. Arguments are never modified, so a
+        failure leaves every session as it was. The arrays returned are read-only views into one buffer per batch
+        (whoever keeps them copies them anyway, into bytes).
         """
         B = len(xs)
         lengths = [len(x) for x in xs]
         T = max(lengths)
-        if min(lengths) == T:  # the common case: no reordering
-            order: list[int] | range = range(B)
-            X = np.stack(xs, axis=1)  # (T, B, I)
-        else:
-            order = sorted(range(B), key=lambda b: -lengths[b])
-            lengths = [lengths[b] for b in order]
-            X = np.zeros((T, B, self.info.input_size), dtype=np.float32)
-            for pos, b in enumerate(order):
-                X[: lengths[pos], pos] = xs[b]
+        if min(lengths) != T:
+            return self._run_ragged(xs, states, lengths)
+        X = xs[0][:, None, :] if B == 1 else np.stack(xs, axis=1)  # (T, B, I)
         if self._norm is not None and self._inv_input_std is not None:
             X = (X - self._norm.input_mean) * self._inv_input_std
-        S = np.stack([states[b] for b in order], axis=2)  # (2, L, B, H), a copy: the inputs stay untouched
+        S = states[0][:, :, None, :] if B == 1 else np.stack(states, axis=2)  # (2, L, B, H), read only
         h, c = S[0], S[1]
-        Y = np.empty((T, B, self.info.output_size), dtype=np.float32)
-        active = B
-        # Huge (finite) inputs may overflow; the data plane refuses a result that is not finite, so numpy's warning
+        # Huge (finite) inputs may overflow; the caller refuses a result that is not finite, so numpy's warning
         # would only be noise in the server's log.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if T == 1:
+                y, h, c = self.backend.step(X[0], h, c)
+                Y = y[None]
+            else:
+                Y = np.empty((T, B, self.info.output_size), dtype=np.float32)
+                for t in range(T):
+                    Y[t], h, c = self.backend.step(X[t], h, c)
+            return self._finish(Y, np.stack((h, c)), range(B), lengths)
+
+    def _run_ragged(self, xs: list[F32], states: list[F32], lengths: list[int]) -> list[StepResult]:
+        B, T = len(xs), max(lengths)
+        order = sorted(range(B), key=lambda b: -lengths[b])
+        lengths = [lengths[b] for b in order]
+        X = np.zeros((T, B, self.info.input_size), dtype=np.float32)
+        for pos, b in enumerate(order):
+            X[: lengths[pos], pos] = xs[b]
+        if self._norm is not None and self._inv_input_std is not None:
+            X = (X - self._norm.input_mean) * self._inv_input_std
+        S = np.stack([states[b] for b in order], axis=2)  # a copy, updated in place: the inputs stay untouched
+        h, c = S[0], S[1]
+        Y = np.zeros((T, B, self.info.output_size), dtype=np.float32)  # the unwritten ends stay finite
+        active = B
         with np.errstate(over="ignore", invalid="ignore"):
             for t in range(T):
                 while lengths[active - 1] <= t:
@@ -97,8 +124,17 @@ class Model:
                 Y[t, :active] = y
                 h[:, :active] = h_new
                 c[:, :active] = c_new
-            if self._norm is not None:
-                Y *= self._norm.output_std
-                Y += self._norm.output_mean
-        position = {b: pos for pos, b in enumerate(order)}
-        return [(Y[: lengths[p], p].copy(), S[:, :, p].copy()) for p in (position[b] for b in range(B))]
+            position = {b: pos for pos, b in enumerate(order)}
+            return self._finish(Y, S, [position[b] for b in range(B)], lengths)
+
+    def _finish(self, Y: F32, S: F32, positions: Sequence[int], lengths: list[int]) -> list[StepResult]:
+        """De-normalises the outputs (T, B, O) and hands each session its slices of them and of the new state
+        (2, L, B, H), in the caller's order, with one finiteness check for the whole batch."""
+        if self._norm is not None:
+            Y *= self._norm.output_std
+            Y += self._norm.output_mean
+        ok = np.logical_and(np.isfinite(S).all(axis=(0, 1, 3)), np.isfinite(Y).all(axis=(0, 2)))
+        finite: list[bool] = np.atleast_1d(ok).tolist()
+        Y.flags.writeable = False
+        S.flags.writeable = False
+        return [(Y[: lengths[p], p], S[:, :, p], finite[p]) for p in positions]

@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
-from lstm_serve.dataplane import DataPlane
-from lstm_serve.errors import LstmServeError, ShuttingDown
+from lstm_serve.dataplane import DataPlane, StepItem, StepOutcome
+from lstm_serve.errors import InvalidInput, LstmServeError, ShuttingDown
 from lstm_serve.service import codec
 from lstm_serve.service.calls import TENANT, Calls, Context, parse, peer_host, request_id
 from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
@@ -46,6 +46,7 @@ class LstmServicer:
             "CloseSession": (lstm_pb2.CloseSessionRequest, self.CloseSession),
             "Step": (lstm_pb2.StepRequest, self.Step),
             "Predict": (lstm_pb2.PredictRequest, self.Predict),
+            "StepMany": (lstm_pb2.StepManyRequest, self.StepMany),
         }
         serialize = lstm_pb2.StepReply.SerializeToString
         handlers = {
@@ -87,6 +88,47 @@ class LstmServicer:
         return lstm_pb2.StepResponse(
             session_id=outcome.session_id, seq=outcome.seq, outputs=codec.to_tensor(outcome.outputs)
         )
+
+    async def StepMany(self, request: lstm_pb2.StepManyRequest, context: Context) -> lstm_pb2.StepManyResponse:
+        replies = await self._step_many(request.steps, "StepMany", request_id(context), TENANT.get())
+        return lstm_pb2.StepManyResponse(replies=replies)
+
+    async def _step_many(
+        self, steps: Sequence[lstm_pb2.StepRequest], method: str, rid: str | None, tenant: str
+    ) -> list[lstm_pb2.StepReply]:
+        """The steps of a many-session message, each answered in-band: one step's failure is its own."""
+        replies = [lstm_pb2.StepReply(session_id=step.session_id, seq=step.seq) for step in steps]
+        items: list[StepItem] = []
+        taken: list[int] = []
+        for i, step in enumerate(steps):
+            try:
+                if step.steps:
+                    raise InvalidInput("a step inside a many-session message may not carry steps of its own")
+                items.append(StepItem(step.session_id, step.seq, codec.decode_tensor(step.inputs, "inputs")))
+                taken.append(i)
+            except LstmServeError as exc:
+                self._answer_error(replies[i], exc, method, step, rid)
+        outcomes = await self.plane.step_many(items, tenant=tenant)
+        for i, outcome in zip(taken, outcomes, strict=True):
+            if isinstance(outcome, StepOutcome):
+                replies[i].outputs.CopyFrom(codec.to_tensor(outcome.outputs))
+            else:
+                self._answer_error(replies[i], outcome, method, steps[i], rid)
+        return replies
+
+    def _answer_error(
+        self, reply: lstm_pb2.StepReply, exc: Exception, method: str, request: object, rid: str | None
+    ) -> None:
+        """Puts a step's failure into its reply: a domain error with its status; anything else is a bug, logged and
+        answered INTERNAL."""
+        if isinstance(exc, LstmServeError):
+            code = status_code(exc)
+            reply.error.CopyFrom(error_detail(code, exc.message, exc))
+            self.calls.refused(method, request, rid, code, exc.message)
+        else:
+            extra = {"session_id": reply.session_id, "seq": reply.seq, "request_id": rid}
+            log.error("%s step failed", method, exc_info=exc, extra=extra)
+            reply.error.CopyFrom(error_detail(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE))
 
     async def Predict(self, request: lstm_pb2.PredictRequest, context: Context) -> lstm_pb2.PredictResponse:
         x = codec.decode_tensor(request.inputs, "inputs")
@@ -179,18 +221,17 @@ class LstmServicer:
             request = parse(lstm_pb2.StepRequest, data)
             reply.session_id, reply.seq = request.session_id, request.seq
             self.calls.charge()
-            x = codec.decode_tensor(request.inputs, "inputs")
-            outcome = await self.plane.step(request.session_id, request.seq, x, tenant=tenant)
-            reply.outputs.CopyFrom(codec.to_tensor(outcome.outputs))
-        except LstmServeError as exc:
-            code = status_code(exc)
-            reply.error.CopyFrom(error_detail(code, exc.message, exc))
-            self.calls.refused("StreamSteps.request", request, rid, code, exc.message)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            extra = {"session_id": reply.session_id, "seq": reply.seq, "request_id": rid}
-            log.exception("StreamSteps request failed", extra=extra)
-            reply.error.CopyFrom(error_detail(code, INTERNAL_MESSAGE))
+            if request.steps:
+                if request.session_id or request.seq or request.HasField("inputs"):
+                    raise InvalidInput("a request that carries steps names no session of its own")
+                reply.replies.extend(await self._step_many(request.steps, "StreamSteps.many", rid, tenant))
+            else:
+                x = codec.decode_tensor(request.inputs, "inputs")
+                outcome = await self.plane.step(request.session_id, request.seq, x, tenant=tenant)
+                reply.outputs.CopyFrom(codec.to_tensor(outcome.outputs))
+        except Exception as exc:
+            code = status_code(exc) if isinstance(exc, LstmServeError) else grpc.StatusCode.INTERNAL
+            self._answer_error(reply, exc, "StreamSteps.request", request, rid)
         self.metrics.stream_request(code.name)
         return reply
 

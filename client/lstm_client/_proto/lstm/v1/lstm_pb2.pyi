@@ -135,14 +135,16 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "seq", "inputs")
+    __slots__ = ("session_id", "seq", "inputs", "steps")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     inputs: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("session_id", "seq", "outputs")
@@ -155,16 +157,30 @@ class StepResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("session_id", "seq", "outputs", "error")
+    __slots__ = ("session_id", "seq", "outputs", "error", "replies")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     outputs: Tensor
     error: Error
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    replies: _containers.RepeatedCompositeFieldContainer[StepReply]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., replies: _Optional[_Iterable[_Union[StepReply, _Mapping]]] = ...) -> None: ...
+
+class StepManyRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+
+class StepManyResponse(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[StepReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[StepReply, _Mapping]]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("model", "inputs", "h0", "c0")

@@ -74,6 +74,11 @@ class LstmServiceStub:
                 request_serializer=lstm_dot_v1_dot_lstm__pb2.StepRequest.SerializeToString,
                 response_deserializer=lstm_dot_v1_dot_lstm__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.StepMany = channel.unary_unary(
+                '/lstm.v1.LstmService/StepMany',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.StepManyRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.StepManyResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/lstm.v1.LstmService/Predict',
                 request_serializer=lstm_dot_v1_dot_lstm__pb2.PredictRequest.SerializeToString,
@@ -137,6 +142,16 @@ class LstmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepMany(self, request, context):
+        """One step (one or several time steps) for each of many sessions, in one message: what a gateway multiplexing
+        many devices sends. Each step is applied exactly once and answered on its own, in the request's order: its
+        outputs, or its error (the other steps go on). A session named twice has its steps applied in message order.
+        Inside StreamSteps, a StepRequest with `steps` set does the same and is answered by one StepReply with `replies`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Predict(self, request, context):
         """Stateless: runs a whole sequence from an optional initial state and returns every output and the final state.
         """
@@ -186,6 +201,11 @@ def add_LstmServiceServicer_to_server(servicer, server):
                     servicer.StreamSteps,
                     request_deserializer=lstm_dot_v1_dot_lstm__pb2.StepRequest.FromString,
                     response_serializer=lstm_dot_v1_dot_lstm__pb2.StepReply.SerializeToString,
+            ),
+            'StepMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepMany,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.StepManyRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.StepManyResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -409,6 +429,33 @@ class LstmService:
             '/lstm.v1.LstmService/StreamSteps',
             lstm_dot_v1_dot_lstm__pb2.StepRequest.SerializeToString,
             lstm_dot_v1_dot_lstm__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.LstmService/StepMany',
+            lstm_dot_v1_dot_lstm__pb2.StepManyRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.StepManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,10 +18,12 @@ class Load:
     sessions: int
     per_stream: int = 1
     steps_per_message: int = 1
+    per_message: int = 1  # sessions whose steps share a message (StepMany, or many-session stream requests)
 
     def label(self) -> str:
         how = f"stream, {self.per_stream}/stream" if self.mode == "stream" else "unary"
-        return f"{self.sessions} sessions, {how}, {self.steps_per_message} step/msg"
+        many = f", {self.per_message} sessions/msg" if self.per_message > 1 else ""
+        return f"{self.sessions} sessions, {how}, {self.steps_per_message} step/msg{many}"
 
     def config(self, target: str, model: str, seconds: float) -> LoadConfig:
         return LoadConfig(
@@ -32,6 +34,7 @@ class Load:
             steps_per_message=self.steps_per_message,
             mode=self.mode,  # type: ignore[arg-type]
             sessions_per_stream=self.per_stream,
+            sessions_per_message=self.per_message,
             duration=seconds,
         )
 

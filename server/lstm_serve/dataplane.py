@@ -20,36 +20,25 @@ from lstm_serve.coalesce import Coalescer
 from lstm_serve.engine.cell import F32
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.repository import Repository
-from lstm_serve.errors import (
-    InvalidInput,
-    LimitExceeded,
-    LstmServeError,
-    ModelNotFound,
-    SequenceMismatch,
-    SessionNotFound,
-    StoreUnavailable,
-)
-from lstm_serve.keyed_lock import KeyedLock
+from lstm_serve.errors import InvalidInput, ModelNotFound, SessionNotFound
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import (
     CommitResult,
     EndReason,
     Session,
     SessionStore,
-    Stale,
     StepWrite,
-    input_digest,
     new_session_id,
     session_key,
 )
 from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a transport may call a tenant
 from lstm_serve.sessions.store import LoadResult
+from lstm_serve.stepping import OVERFLOW, StepItem, StepOutcome, Stepper, check_finite, shape_inputs
 
 # The types of this API, for the transports (which import nothing past this module).
 __all__ = ["F32", "TENANT_NAME", "DataPlane", "Limits", "ModelInfo", "Session", "StepItem", "StepOutcome"]
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
-MAX_COMMIT_ATTEMPTS = 4  # a step recomputed after losing its compare-and-set this often is answered UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,34 +49,6 @@ class Limits:
     inline_max_parameters: int = 200_000
     inline_max_steps: int = 32
     max_sessions_per_tenant: int = 0  # store-wide; 0 = no limit
-
-
-@dataclass(frozen=True, slots=True)
-class StepItem:
-    """One session's step in a message that carries many (DataPlane.step_many)."""
-
-    session_id: str
-    seq: int
-    x: F32  # (I,) or (T, I)
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """An item of step_many on the batched path: its lock held, its session read, its inputs checked."""
-
-    item: int
-    key: str
-    session: Session
-    xs: F32
-    single: bool
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutcome:
-    session_id: str
-    seq: int
-    outputs: F32  # (O,) or (T, O), following the request
 
 
 class DataPlane:
@@ -103,7 +64,6 @@ class DataPlane:
         self.store = store
         self.metrics = metrics
         self.limits = limits
-        self._locks = KeyedLock()
         # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
         # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
         small = {name: m.info.parameters <= limits.inline_max_parameters for name, m in repository.models.items()}
@@ -111,7 +71,6 @@ class DataPlane:
             name: Batcher(
                 model,
                 max_batch=limits.max_batch,
-                max_wait=limits.max_batch_wait,
                 executor=executor,
                 inline_max_steps=limits.inline_max_steps if small[name] else 0,
                 on_batch=metrics.batch_size.labels(model=name).observe,
@@ -134,12 +93,26 @@ class DataPlane:
         else:
             self._coalescers = ()
             self._commit, self._read = self._commit_direct, self._read_direct
+        self._stepper = Stepper(
+            self.model,
+            store,
+            self._batchers,
+            metrics,
+            max_steps=limits.max_steps_per_request,
+            inline_max_steps=limits.inline_max_steps,
+            max_wait=limits.max_batch_wait,
+            load=self._load,
+            fitting=self._fitting,
+            commit=self._commit,
+        )
+        self._locks = self._stepper.locks  # create, reset and close take a session's lock too
         metrics.models_loaded.set(len(repository.models))
         metrics.model_load_failures.set(len(repository.failures))
         for name in repository.models:  # every model's series exists from the start, at zero
             metrics.child(metrics.steps, name)
 
     async def close(self) -> None:
+        await self._stepper.close()
         for batcher in self._batchers.values():
             await batcher.close()
         for coalescer in self._coalescers:
@@ -253,211 +226,19 @@ class DataPlane:
     # --- steps --------------------------------------------------------------------------------------------------
 
     async def step(self, session_id: str, seq: int, x: F32, *, tenant: str = "") -> StepOutcome:
-        """Applies x ((I,) or (T, I)) as step `seq` of the session, exactly once.
+        """Applies x ((I,) or (T, I)) as step `seq` of the session, exactly once, batched with the other steps of
+        this loop turn (stepping.py)."""
+        return await self._stepper.submit(StepItem(session_id, seq, x), tenant)
 
-        The session lock keeps this process's steps of one session in order; the store's compare-and-set on the
-        record's revision makes check-compute-commit atomic across processes. A session read from a cache may be
-        stale: only "this is the next step" is acted on without asking the store, and a step computed from a stale
-        record loses its compare-and-set, which hands back the current record to decide again from (typically: the
-        step was applied elsewhere, so its stored reply is replayed). The state is replaced only by a commit, so a
-        failure or a cancelled call changes nothing.
-        """
-        key = session_key(tenant, session_id)
-        await self._locks.acquire(key)
-        try:
-            session = await self._load(key, session_id, fresh=False)
-            return await self._step_locked(key, session_id, seq, x, session, fresh=self.store.authoritative)
-        finally:
-            self._locks.release(key)
-
-    async def _step_locked(
-        self, key: str, session_id: str, seq: int, x: F32, session: Session, *, fresh: bool, attempts: int = 0
-    ) -> StepOutcome:
-        """The step of `step` once its lock is held and `session` read (`fresh`: known current); `attempts`
-        compare-and-sets were already lost."""
-        checked: ModelInfo | None = None
-        for _ in range(attempts, MAX_COMMIT_ATTEMPTS):
-            info = self.model(session.model).info  # again after every re-read: the id may now name another model
-            if info is not checked:
-                xs, single = self._check_inputs(x, info)
-                digest = input_digest(xs)
-                checked = info
-            if seq != session.seq + 1:
-                if not fresh:  # a cached record may lag behind the store: look before refusing or replaying
-                    session, fresh = await self._load(key, session_id, fresh=True), True
-                    continue
-                outputs = self._replay(session, session_id, seq, digest, info)
-                return StepOutcome(session_id, seq, outputs[0] if single else outputs)
-            ys, new_state, finite = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
-            if not finite:
-                raise InvalidInput(OVERFLOW)
-            outputs = ys[0] if single else ys
-            result = await self._commit(
-                StepWrite(session, session.stepped(seq, new_state, outputs, digest, self.store.now()))
-            )
-            if isinstance(result, Session):
-                self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
-                return StepOutcome(session_id, seq, outputs)
-            session = await self._lost_commit(result, session, key, session_id)
-            fresh = True
-        raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
-
-    async def _lost_commit(self, result: CommitResult, base: Session, key: str, session_id: str) -> Session:
-        """What a step decides again from when its commit did not apply: the session as the store has it now."""
-        if isinstance(result, LstmServeError):  # ended while computing, or no room for its record
-            raise result
-        assert not isinstance(result, Session)
-        self.metrics.child(self.metrics.commit_conflicts, base.model).inc()
-        if result.current.created != base.created:  # ended and created anew while this step computed
-            raise SessionNotFound(
-                f"session {session_id!r} ended while this step was computing; the id names a new session now"
-            )
-        return await self._fitting(result.current, key, session_id)
+    def submit_step(self, session_id: str, seq: int, x: F32, *, tenant: str = "") -> asyncio.Future[StepOutcome]:
+        """`step` as a future, for a transport that answers from its callback (a stream: no task per request)."""
+        return self._stepper.submit(StepItem(session_id, seq, x), tenant)
 
     async def step_many(self, items: Sequence[StepItem], *, tenant: str = "") -> list[StepOutcome | Exception]:
-        """Applies steps of many sessions that came in one message: each exactly once, as `step` would, and each
-        answered on its own (its outcome, or the error that refused it; an exception that is not an LstmServeError
-        is a bug, for the transport to report as internal).
-
-        Built for a gateway multiplexing thousands of devices: the common case (a free lock, the next seq) costs one
-        store read and one store commit for the whole message and one batched compute per model; anything else (a
-        retry, a lock held by another call, a lost compare-and-set, a session named twice) goes through the single
-        step's path, in the message's order for each session.
-        """
-        total = sum(len(item.x) if item.x.ndim == 2 else 1 for item in items)
-        if total > self.limits.max_steps_per_request:
-            raise LimitExceeded(f"{total} time steps in one request; the limit is {self.limits.max_steps_per_request}")
-        out: list[StepOutcome | Exception | None] = [None] * len(items)
-        mine: dict[str, int] = {}  # key -> the item this call holds the key's lock for
-        queued: list[tuple[int, str]] = []  # items that wait for their key's lock, in the message's order
-        for i, item in enumerate(items):
-            try:
-                key = session_key(tenant, item.session_id)
-            except LstmServeError as exc:
-                out[i] = exc
-                continue
-            if key not in mine and self._locks.try_acquire(key):
-                mine[key] = i
-            else:
-                queued.append((i, key))
-        later = [
-            asyncio.ensure_future(self.step(items[i].session_id, items[i].seq, items[i].x, tenant=tenant))
-            for i, _ in queued
-        ]
-        try:
-            try:
-                await self._step_held(items, mine, out)
-            finally:
-                for key in mine:
-                    self._locks.release(key)
-            for (i, _), done in zip(queued, await asyncio.gather(*later, return_exceptions=True), strict=True):
-                out[i] = _outcome(done)
-        finally:
-            for task in later:
-                task.cancel()
-        return [o if o is not None else RuntimeError("step left unanswered") for o in out]
-
-    async def _step_held(
-        self, items: Sequence[StepItem], mine: dict[str, int], out: list[StepOutcome | Exception | None]
-    ) -> None:
-        """The items whose locks this call holds: read together, computed together, committed together."""
-        try:
-            found = await self.store.load(list(mine), fresh=False)
-        except LstmServeError as exc:
-            for i in mine.values():
-                out[i] = exc
-            return
-        jobs: dict[str, list[_Job]] = {}
-        general: list[tuple[int, str, Session, Stale | None]] = []  # the single step's path, under the held lock
-        for (key, i), session in zip(mine.items(), found, strict=True):
-            item = items[i]
-            try:
-                if isinstance(session, SessionNotFound):
-                    raise session
-                model = self.repository.models.get(session.model)
-                if model is None or item.seq != session.seq + 1:
-                    general.append((i, key, session, None))
-                    continue
-                info = model.info
-                if not session.fits(info.state_shape, info.output_size):
-                    general.append((i, key, session, None))
-                    continue
-                xs, single = self._check_inputs(item.x, info)
-            except LstmServeError as exc:
-                out[i] = exc
-                continue
-            jobs.setdefault(info.name, []).append(_Job(i, key, session, xs, single, input_digest(xs)))
-        writes: list[tuple[_Job, F32, StepWrite]] = []
-        now = self.store.now()
-        for name, group in jobs.items():
-            shape = self.repository.models[name].info.state_shape
-            try:
-                results = await self._batchers[name].submit_many(
-                    [j.xs for j in group], [j.session.state_array(shape) for j in group]
-                )
-            except Exception as exc:  # a backend failure fails this model's steps; their sessions keep their state
-                for j in group:
-                    out[j.item] = exc
-                continue
-            for j, (ys, state, finite) in zip(group, results, strict=True):
-                if not finite:
-                    out[j.item] = InvalidInput(OVERFLOW)
-                    continue
-                outputs = ys[0] if j.single else ys
-                after = j.session.stepped(items[j.item].seq, state, outputs, j.digest, now)
-                writes.append((j, outputs, StepWrite(j.session, after)))
-        if writes:
-            committed: Sequence[CommitResult]
-            try:
-                committed = await self.store.commit([write for _, _, write in writes])
-            except LstmServeError as exc:
-                committed = [exc] * len(writes)  # type: ignore[list-item]
-            applied: dict[str, int] = {}
-            for (j, outputs, write), result in zip(writes, committed, strict=True):
-                if isinstance(result, Session):
-                    applied[write.base.model] = applied.get(write.base.model, 0) + len(j.xs)
-                    out[j.item] = StepOutcome(items[j.item].session_id, items[j.item].seq, outputs)
-                elif isinstance(result, Stale):
-                    general.append((j.item, j.key, write.base, result))
-                else:
-                    out[j.item] = result
-            for name, count in applied.items():
-                self.metrics.child(self.metrics.steps, name).inc(count)
-        if general:
-            done = await asyncio.gather(
-                *(self._general(items[i], key, session, lost) for i, key, session, lost in general),
-                return_exceptions=True,
-            )
-            for (i, *_), outcome in zip(general, done, strict=True):
-                out[i] = _outcome(outcome)
-
-    async def _general(self, item: StepItem, key: str, session: Session, lost: Stale | None) -> StepOutcome:
-        """One item of step_many that the batched path did not settle, on the single step's path (lock held)."""
-        if lost is not None:
-            session = await self._lost_commit(lost, session, key, item.session_id)
-            return await self._step_locked(key, item.session_id, item.seq, item.x, session, fresh=True, attempts=1)
-        session = await self._fitting(session, key, item.session_id)
-        fresh = self.store.authoritative
-        return await self._step_locked(key, item.session_id, item.seq, item.x, session, fresh=fresh)
-
-    def _replay(self, session: Session, session_id: str, seq: int, digest: bytes, info: ModelInfo) -> F32:
-        """The stored reply of a retried step, or the reason the step cannot be applied."""
-        last = session.last_reply(info.state_shape, info.output_size) if seq == session.seq else None
-        if last is None:
-            raise SequenceMismatch(
-                f"seq {seq} is out of order: session {session_id!r} has applied seq {session.seq}, "
-                f"the next step must carry seq {session.seq + 1}",
-                expected_seq=session.seq + 1,
-            )
-        last_digest, last_outputs = last
-        if digest != last_digest:
-            raise SequenceMismatch(
-                f"seq {seq} was already applied with different inputs; the next seq is {seq + 1}",
-                expected_seq=seq + 1,
-                reason="retry_mismatch",
-            )
-        self.metrics.child(self.metrics.replayed_steps, info.name).inc()
-        return last_outputs
+        """Steps of many sessions that came in one message: each exactly once, each answered on its own (its
+        outcome, or the error that refused it; an exception that is not an LstmServeError is a bug, for the
+        transport to report as internal). Raises LimitExceeded for a message of too many time steps in all."""
+        return await self._stepper.step_many(items, tenant)
 
     async def predict(self, model_name: str, x: F32, h0: F32 | None, c0: F32 | None) -> tuple[F32, F32, F32]:
         """Stateless run of a whole sequence; returns outputs (T, O) and the final h, c (L, H)."""
@@ -465,7 +246,8 @@ class DataPlane:
         info = model.info
         if x.ndim != 2:
             raise InvalidInput(f"inputs must have shape [T, {info.input_size}], got {list(x.shape)}")
-        xs, _ = self._check_inputs(x, info)
+        xs, _ = shape_inputs(x, info, self.limits.max_steps_per_request)
+        check_finite(xs)
         state = model.zero_state()
         for i, (name, given) in enumerate((("h0", h0), ("c0", c0))):
             if given is None:
@@ -479,42 +261,6 @@ class DataPlane:
         if not finite:
             raise InvalidInput(OVERFLOW)
         return ys, final[0], final[1]
-
-    def _check_inputs(self, x: F32, info: ModelInfo) -> tuple[F32, bool]:
-        """Returns x as (T, I) and whether the request held a single step; raises InvalidInput with the reason."""
-        if x.ndim not in (1, 2):
-            raise InvalidInput(
-                f"inputs must have shape [{info.input_size}] or [T, {info.input_size}], got {list(x.shape)}"
-            )
-        single = x.ndim == 1
-        xs = x.reshape(1, -1) if single else x
-        if xs.shape[0] == 0:
-            raise InvalidInput("inputs hold no time step (T = 0)")
-        if xs.shape[1] != info.input_size:
-            raise InvalidInput(
-                f"model {info.name!r} takes {info.input_size} input features, got {xs.shape[1]} "
-                f"(inputs shape {list(x.shape)})"
-            )
-        if xs.shape[0] > self.limits.max_steps_per_request:
-            raise LimitExceeded(
-                f"{xs.shape[0]} time steps in one request; the limit is {self.limits.max_steps_per_request}"
-            )
-        if not np.isfinite(xs).all():
-            bad = np.argwhere(~np.isfinite(xs))[0]
-            raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
-        return xs, single
-
-
-# Finite inputs so large that the arithmetic overflows (a sum of +Inf and -Inf terms is NaN) must not become a
-# session's state: a NaN state would poison every later step. Refused like any bad input, nothing applied.
-OVERFLOW = "inputs too large: the model's arithmetic overflows to Inf or NaN; nothing was applied"
-
-
-def _outcome(result: StepOutcome | BaseException) -> StepOutcome | Exception:
-    """A gathered step's outcome; a cancellation is not an outcome, it goes on up."""
-    if isinstance(result, BaseException) and not isinstance(result, Exception):
-        raise result
-    return result
 
 
 def _as_seen_by_client(session: Session, session_id: str) -> Session:

@@ -37,15 +37,15 @@ async def test_in_flight_step_lands_in_a_recreated_session_through_the_dataplane
     plane = DataPlane(repo, store, Metrics())
     gate = asyncio.Event()
     batcher = plane._batchers["a"]
-    real = batcher.submit
+    real = batcher.submit_many
 
     async def slow(
-        x: np.ndarray, state: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, bool]:  # a compute that takes a while
+        xs: list[np.ndarray], states: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray, bool]]:  # a compute that takes a while
         await gate.wait()
-        return await real(x, state)
+        return await real(xs, states)
 
-    batcher.submit = slow  # type: ignore[method-assign]
+    batcher.submit_many = slow  # type: ignore[method-assign]
     await plane.create_session("a", "s", 0)
     step = asyncio.create_task(plane.step("s", 1, np.ones(3, np.float32)))
     await asyncio.sleep(0.01)

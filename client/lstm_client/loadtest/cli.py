@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-message", type=int, default=1, help="time steps sent in one request (default 1)")
     p.add_argument("--mode", choices=("unary", "stream"), default="stream", help="Step calls or StreamSteps")
     p.add_argument("--sessions-per-stream", type=int, default=1, help="sessions sharing one stream (stream mode)")
+    p.add_argument(
+        "--sessions-per-message",
+        type=int,
+        default=1,
+        help="sessions whose steps travel in one message: StepMany calls (unary) or many-session requests (stream)",
+    )
     p.add_argument("--concurrency", type=int, default=0, help="sessions running at once (default: all)")
     p.add_argument("--duration", type=float, default=60.0, help="stop sending after this many seconds (default 60)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each unary call, seconds")
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("sessions", "steps", "steps_per_message", "sessions_per_stream"):
+    for name in ("sessions", "steps", "steps_per_message", "sessions_per_stream", "sessions_per_message"):
         if getattr(args, name) < 1:
             print(f"lstm-loadtest: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -80,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps_per_message=args.steps_per_message,
         mode=args.mode,
         sessions_per_stream=args.sessions_per_stream,
+        sessions_per_message=args.sessions_per_message,
         concurrency=args.concurrency,
         duration=args.duration,
         timeout=args.timeout,

@@ -13,6 +13,7 @@ import math
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ class LoadConfig:
     steps_per_message: int = 1
     mode: Literal["unary", "stream"] = "stream"
     sessions_per_stream: int = 1
+    sessions_per_message: int = 1  # > 1: StepMany calls (unary) or many-session requests (stream) of this many
     concurrency: int = 0  # sessions running at once; 0 = all
     duration: float = 60.0  # seconds; no new message is sent after this
     timeout: float = 10.0  # per unary call
@@ -133,6 +135,9 @@ async def _drive(
     client: AsyncClient, runs: list[_Run], config: LoadConfig, result: LoadResult, deadline: float
 ) -> None:
     concurrency = config.concurrency or len(runs)
+    if config.sessions_per_message > 1:
+        await _drive_many(client, runs, config, result, deadline)
+        return
     if config.mode == "unary":
         gate = asyncio.Semaphore(concurrency)
 
@@ -230,6 +235,118 @@ async def _stream(
     except LstmError as exc:
         for run in outstanding.values():
             _fail(run, result, exc.code.name)
+
+
+async def _drive_many(
+    client: AsyncClient, runs: list[_Run], config: LoadConfig, result: LoadResult, deadline: float
+) -> None:
+    """Many sessions per message: groups of sessions_per_message runs, each group one message in flight at a time;
+    unary: one StepMany call per message; stream: a stream carries sessions_per_stream sessions' groups."""
+    size = config.sessions_per_message
+    groups = [runs[i : i + size] for i in range(0, len(runs), size)]
+    concurrency = max(1, (config.concurrency or len(runs)) // size)
+    gate = asyncio.Semaphore(concurrency)
+    if config.mode == "unary":
+
+        async def unary(group: list[_Run]) -> None:
+            async with gate:
+                await _unary_many(client, group, config, result, deadline)
+
+        await asyncio.gather(*(unary(g) for g in groups))
+        return
+    per_stream = max(1, config.sessions_per_stream // size)
+    streams = [groups[i : i + per_stream] for i in range(0, len(groups), per_stream)]
+
+    async def stream(members: list[list[_Run]]) -> None:
+        async with gate:
+            await _stream_many(client, members, config, result, deadline)
+
+    await asyncio.gather(*(stream(m) for m in streams))
+
+
+def _settle_many(
+    group: list[_Run], replies: Sequence[lstm_pb2.StepReply], config: LoadConfig, result: LoadResult, latency: float
+) -> list[_Run]:
+    """Books the replies to a many-session message; returns the runs that go on."""
+    going: list[_Run] = []
+    for run, reply in zip(group, replies, strict=True):
+        if reply.HasField("error"):
+            _fail(run, result, error_from_detail(reply.error).code.name)
+            continue
+        result.ok(config.steps_per_message, latency)
+        run.answered(from_tensor(reply.outputs) if run.record is not None else None)
+        if not run.done():
+            going.append(run)
+    return going
+
+
+async def _unary_many(
+    client: AsyncClient, group: list[_Run], config: LoadConfig, result: LoadResult, deadline: float
+) -> None:
+    while group and time.perf_counter() < deadline:
+        start = time.perf_counter()
+        request = lstm_pb2.StepManyRequest(steps=[run.pending() for run in group])
+        try:
+            response = await client._invoke("StepMany", request)
+        except LstmError as exc:
+            for run in group:
+                _fail(run, result, exc.code.name)
+            return
+        group = _settle_many(group, response.replies, config, result, time.perf_counter() - start)
+
+
+async def _stream_many(
+    client: AsyncClient, groups: list[list[_Run]], config: LoadConfig, result: LoadResult, deadline: float
+) -> None:
+    """Like _stream, with one many-session request in flight per group; a reply is matched to its group by the
+    first session it answers, and must answer the group's pending seqs."""
+    outstanding = {group[0].session_id: group for group in groups}  # first session's id -> the group, unanswered
+    sent_at: dict[str, float] = {}
+    schedule = client.retry.schedule()
+
+    async def send(call: Any, group: list[_Run]) -> None:
+        sent_at.setdefault(group[0].session_id, time.perf_counter())
+        await _retry.write(call, lstm_pb2.StepRequest(steps=[run.pending() for run in group]))
+
+    async def attempt() -> None:
+        call = client._open_stream(affinity=None)
+        try:
+            for group in list(outstanding.values()):
+                await send(call, group)
+            while outstanding:
+                reply = await _retry.read(call, config.timeout)
+                if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    raise StreamBroken("the server ended the step stream early")
+                if reply.HasField("error"):  # the whole message refused: every group's fate is the same
+                    raise error_from_detail(reply.error)
+                if not reply.replies:
+                    continue
+                first = reply.replies[0]
+                answered = outstanding.get(first.session_id)
+                if answered is None or first.seq != answered[0].next + 1:
+                    continue  # not a reply this stream is waiting for
+                errors = [error_from_detail(r.error) for r in reply.replies if r.HasField("error")]
+                for err in errors:
+                    if _retry.retryable(err):
+                        raise err  # resent, with the other unanswered ones, on a new stream
+                del outstanding[first.session_id]
+                schedule.reset()
+                now = time.perf_counter()
+                going = _settle_many(answered, reply.replies, config, result, now - sent_at.pop(first.session_id))
+                if going and now < deadline:
+                    outstanding[going[0].session_id] = going
+                    await send(call, going)
+            await call.done_writing()
+        except BaseException:
+            call.cancel()
+            raise
+
+    try:
+        await _retry.run_async(attempt, schedule, on_retry=client._on_retry)
+    except LstmError as exc:
+        for group in outstanding.values():
+            for run in group:
+                _fail(run, result, exc.code.name)
 
 
 async def _close_sessions(client: AsyncClient, runs: list[_Run]) -> None:

@@ -72,9 +72,9 @@ class Model:
         return [(ys, state) for ys, state, _ in self.run_batch_checked(xs, states)]
 
     def run_batch_checked(self, xs: list[F32], states: list[F32]) -> list[StepResult]:
-        """run_batch, plus whether each session's outputs and new state are all finite: finite inputs so large that
-        the arithmetic overflows must not become a session's state, and one check over the whole batch costs what a
-        check per session would cost for one.
+        """run_batch, plus whether each session's inputs, outputs and new state are all finite: neither NaN or Inf
+        given nor finite inputs so large that the arithmetic overflows may become a session's state, and one check
+        over the whole batch costs what a check per session would cost for one.
 
         Sequences may differ in length: sorted longest first, the sessions still running at time t are a prefix of
         the batch, so each time step is one backend call on contiguous slices. Arguments are never modified, so a
@@ -101,7 +101,7 @@ class Model:
                 Y = np.empty((T, B, self.info.output_size), dtype=np.float32)
                 for t in range(T):
                     Y[t], h, c = self.backend.step(X[t], h, c)
-            return self._finish(Y, np.stack((h, c)), range(B), lengths)
+            return self._finish(X, Y, np.stack((h, c)), range(B), lengths)
 
     def _run_ragged(self, xs: list[F32], states: list[F32], lengths: list[int]) -> list[StepResult]:
         B, T = len(xs), max(lengths)
@@ -125,15 +125,16 @@ class Model:
                 h[:, :active] = h_new
                 c[:, :active] = c_new
             position = {b: pos for pos, b in enumerate(order)}
-            return self._finish(Y, S, [position[b] for b in range(B)], lengths)
+            return self._finish(X, Y, S, [position[b] for b in range(B)], lengths)
 
-    def _finish(self, Y: F32, S: F32, positions: Sequence[int], lengths: list[int]) -> list[StepResult]:
+    def _finish(self, X: F32, Y: F32, S: F32, positions: Sequence[int], lengths: list[int]) -> list[StepResult]:
         """De-normalises the outputs (T, B, O) and hands each session its slices of them and of the new state
-        (2, L, B, H), in the caller's order, with one finiteness check for the whole batch."""
+        (2, L, B, H), in the caller's order, with one finiteness check of inputs (T, B, I), outputs and states for
+        the whole batch (an Inf input may well give a finite state: tanh saturates)."""
         if self._norm is not None:
             Y *= self._norm.output_std
             Y += self._norm.output_mean
-        ok = np.logical_and(np.isfinite(S).all(axis=(0, 1, 3)), np.isfinite(Y).all(axis=(0, 2)))
+        ok = np.isfinite(S).all(axis=(0, 1, 3)) & np.isfinite(Y).all(axis=(0, 2)) & np.isfinite(X).all(axis=(0, 2))
         finite: list[bool] = np.atleast_1d(ok).tolist()
         Y.flags.writeable = False
         S.flags.writeable = False

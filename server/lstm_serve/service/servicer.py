@@ -7,8 +7,10 @@ shared by every method in service/calls.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -138,8 +140,9 @@ class LstmServicer:
         return lstm_pb2.PredictResponse(outputs=codec.to_tensor(ys), h=codec.to_tensor(h), c=codec.to_tensor(c))
 
     async def StreamSteps(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[lstm_pb2.StepReply]:
-        """Requests are handled concurrently, so that the sessions sharing a stream batch together, and answered as
-        they finish; one session's requests keep their order through the data plane's per-session lock.
+        """Requests are taken as they arrive and answered as they finish, so that the sessions sharing a stream (and
+        the other streams' sessions) batch together; one session's requests keep their order through the data
+        plane. No task per request: each becomes a future of the data plane whose callback queues its reply.
 
         A stream that stops being read (the server drains for shutdown, or the stream sat idle past the limit) first
         answers every request it took, then ends with UNAVAILABLE: the client reconnects and resends what was not
@@ -157,34 +160,32 @@ class LstmServicer:
             self.calls.finished("StreamSteps", code, start)
             context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
             await context.abort(code, exc.message)
-        replies: asyncio.Queue[lstm_pb2.StepReply | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        answering: set[asyncio.Task[None]] = set()
-
-        def settle(_: object = None) -> None:  # the stream's last reply is queued once nothing can add one
-            if reader.done() and not answering:
-                replies.put_nowait(None)
-
-        async def answer(data: bytes) -> None:
-            try:
-                replies.put_nowait(await self._stream_step(data, rid, tenant))
-            finally:
-                answering.discard(asyncio.current_task())
-                settle()
+        stream = _Stream()
 
         async def read() -> None:
             async for data in requests:
                 self.calls.stream_received(reader)
-                await window.acquire()
-                answering.add(asyncio.create_task(answer(data)))
+                if stream.unanswered >= STREAM_WINDOW:
+                    stream.room.clear()
+                    await stream.room.wait()
+                stream.unanswered += 1
+                self._take(data, rid, tenant, stream)
 
         reader = asyncio.create_task(read())
         self.calls.watch_stream(reader)
-        reader.add_done_callback(settle)
+        reader.add_done_callback(lambda _: stream.ready.set())
         try:
-            while (reply := await replies.get()) is not None:
-                window.release()
-                yield reply
+            while True:
+                while stream.replies:
+                    stream.unanswered -= 1
+                    if stream.unanswered < STREAM_WINDOW:
+                        stream.room.set()
+                    yield stream.replies.popleft()
+                if reader.done() and stream.unanswered == 0:
+                    break
+                stream.ready.clear()
+                if not stream.replies:
+                    await stream.ready.wait()
             if reader.cancelled():  # drained or idle: everything taken is answered; now send the client elsewhere
                 raise ShuttingDown(
                     "the server is shutting down; reconnect and resend unanswered steps"
@@ -207,15 +208,15 @@ class LstmServicer:
             await context.abort(code, INTERNAL_MESSAGE)
         finally:
             reader.cancel()
-            for pending in list(answering):
+            for pending in list(stream.tasks):
                 pending.cancel()
             self.calls.leave(peer)
             self.calls.finished("StreamSteps", code, start)
 
-    async def _stream_step(self, data: bytes, rid: str | None, tenant: str) -> lstm_pb2.StepReply:
-        """One request of a stream, answered in-band: its failure is its own, the stream goes on."""
+    def _take(self, data: bytes, rid: str | None, tenant: str, stream: _Stream) -> None:
+        """One request of a stream, answered in-band (its failure is its own, the stream goes on): parsed and
+        checked here, then handed to the data plane, whose future's callback answers."""
         request: lstm_pb2.StepRequest | None = None
-        code = grpc.StatusCode.OK
         reply = lstm_pb2.StepReply()
         try:
             request = parse(lstm_pb2.StepRequest, data)
@@ -224,16 +225,77 @@ class LstmServicer:
             if request.steps:
                 if request.session_id or request.seq or request.HasField("inputs"):
                     raise InvalidInput("a request that carries steps names no session of its own")
-                reply.replies.extend(await self._step_many(request.steps, "StreamSteps.many", rid, tenant))
-            else:
-                x = codec.decode_tensor(request.inputs, "inputs")
-                outcome = await self.plane.step(request.session_id, request.seq, x, tenant=tenant)
-                reply.outputs.CopyFrom(codec.to_tensor(outcome.outputs))
+                stream.spawn(self._answer_many(request.steps, reply, rid, tenant, stream))
+                return
+            x = codec.decode_tensor(request.inputs, "inputs")
         except Exception as exc:
+            self._answer(stream, reply, exc, request, rid)
+            return
+        future = self.plane.submit_step(request.session_id, request.seq, x, tenant=tenant)
+        future.add_done_callback(functools.partial(self._stepped, stream, reply, request, rid))
+
+    def _stepped(
+        self,
+        stream: _Stream,
+        reply: lstm_pb2.StepReply,
+        request: lstm_pb2.StepRequest,
+        rid: str | None,
+        future: asyncio.Future[StepOutcome],
+    ) -> None:
+        if future.cancelled():
+            self._answer(stream, reply, ShuttingDown("the server is shutting down; retry"), request, rid)
+        elif (exc := future.exception()) is not None:
+            self._answer(stream, reply, exc if isinstance(exc, Exception) else RuntimeError(exc), request, rid)
+        else:
+            reply.outputs.CopyFrom(codec.to_tensor(future.result().outputs))
+            self._answer(stream, reply, None, request, rid)
+
+    async def _answer_many(
+        self,
+        steps: Sequence[lstm_pb2.StepRequest],
+        reply: lstm_pb2.StepReply,
+        rid: str | None,
+        tenant: str,
+        stream: _Stream,
+    ) -> None:
+        try:
+            reply.replies.extend(await self._step_many(steps, "StreamSteps.many", rid, tenant))
+        except Exception as exc:
+            self._answer(stream, reply, exc, None, rid)
+            return
+        self._answer(stream, reply, None, None, rid)
+
+    def _answer(
+        self,
+        stream: _Stream,
+        reply: lstm_pb2.StepReply,
+        exc: Exception | None,
+        request: lstm_pb2.StepRequest | None,
+        rid: str | None,
+    ) -> None:
+        code = grpc.StatusCode.OK
+        if exc is not None:
             code = status_code(exc) if isinstance(exc, LstmServeError) else grpc.StatusCode.INTERNAL
             self._answer_error(reply, exc, "StreamSteps.request", request, rid)
         self.metrics.stream_request(code.name)
-        return reply
+        stream.replies.append(reply)
+        stream.ready.set()
+
+
+class _Stream:
+    """One StreamSteps call's state: the replies ready to send, and how many requests are taken but unanswered."""
+
+    def __init__(self) -> None:
+        self.replies: deque[lstm_pb2.StepReply] = deque()
+        self.ready = asyncio.Event()  # a reply was queued, or the request side ended
+        self.room = asyncio.Event()  # the window has room again
+        self.unanswered = 0
+        self.tasks: set[asyncio.Task[None]] = set()  # many-session requests being answered
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 def _serialize(message: Any) -> bytes:

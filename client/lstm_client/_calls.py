@@ -14,7 +14,7 @@ import numpy.typing as npt
 from google.protobuf import duration_pb2
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
-from lstm_client.errors import error_from_detail
+from lstm_client.errors import ServerError, error_from_detail
 from lstm_client.tensor import FloatArray, from_tensor, to_tensor
 
 
@@ -115,8 +115,12 @@ def step_request(session_id: str, seq: int, x: npt.ArrayLike) -> lstm_pb2.StepRe
 
 def step_outputs(reply: lstm_pb2.StepResponse | lstm_pb2.StepReply) -> FloatArray:
     """Outputs of a step; an in-band stream error is raised as the matching LstmError."""
-    if isinstance(reply, lstm_pb2.StepReply) and reply.HasField("error"):
-        raise error_from_detail(reply.error)
+    if isinstance(reply, lstm_pb2.StepReply):
+        result = reply.WhichOneof("result")
+        if result == "error":
+            raise error_from_detail(reply.error)
+        if result is None:
+            raise ServerError("the server sent a StepReply with neither outputs nor error")
     return from_tensor(reply.outputs)
 
 

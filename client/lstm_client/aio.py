@@ -235,7 +235,7 @@ class _AsyncStepStream:
         if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
             self._drop()
             raise StreamBroken("the server ended the step stream early")
-        if reply.HasField("error"):
+        if reply.WhichOneof("result") == "error":
             err = error_from_detail(reply.error)
             if _retry.retryable(err):  # not applied (or applied and stored): resend on a new call
                 self._drop()

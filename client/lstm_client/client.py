@@ -287,7 +287,7 @@ class _StepStream:
             raise
         finally:
             self._watchdog.disarm()
-        if reply.HasField("error"):
+        if reply.WhichOneof("result") == "error":
             err = error_from_detail(reply.error)
             if _retry.retryable(err):  # not applied (or applied and stored): resend on a new call
                 self._drop()

@@ -47,6 +47,11 @@ lint: $(STAMP) proto-check
 	$(BIN)/ruff format --check client server tests models bench deploy
 	$(BIN)/mypy
 
+# lstm-client's tests in fresh venvs with the lowest and the highest protobuf/grpcio/numpy it allows, and installed
+# beside tritonclient[grpc], against a server of this venv (tests/compat/run.py; needs the package registry).
+client-compat: $(STAMP)
+	$(BIN)/python -m tests.compat.run
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 

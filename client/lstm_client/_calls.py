@@ -51,6 +51,28 @@ class SessionInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """The server's versions and the limits a client must respect (GetServerInfo; see ServerLimits in the proto)."""
+
+    server_version: str
+    protocol: str  # "lstm.v1"
+    max_steps_per_request: int
+    max_stream_requests_in_flight: int
+    max_message_bytes: int
+    max_sessions: int
+    max_sessions_policy: str  # "evict" or "refuse"
+    max_sessions_per_tenant: int  # 0: no limit
+    default_idle_ttl: timedelta | None  # None: no idle expiry
+    max_idle_ttl: timedelta
+    max_session_id_length: int
+    max_calls_per_peer: int
+    max_calls: int
+    stream_idle_timeout: timedelta | None  # None: never
+    tenant_rate: float  # requests per second; 0: no limit
+    tenant_burst: int
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     outputs: FloatArray  # [T, output_size]
     h: FloatArray  # [num_layers, hidden_size]
@@ -87,6 +109,33 @@ def session_info(msg: lstm_pb2.SessionInfo) -> SessionInfo:
         created=msg.created.ToDatetime(tzinfo=UTC),
         last_used=msg.last_used.ToDatetime(tzinfo=UTC),
         idle_ttl=ttl if ttl > timedelta(0) else None,
+    )
+
+
+def server_info(msg: lstm_pb2.GetServerInfoResponse) -> ServerInfo:
+    limits = msg.limits
+
+    def optional(d: duration_pb2.Duration) -> timedelta | None:
+        t = d.ToTimedelta()
+        return t if t > timedelta(0) else None
+
+    return ServerInfo(
+        server_version=msg.server_version,
+        protocol=msg.protocol,
+        max_steps_per_request=limits.max_steps_per_request,
+        max_stream_requests_in_flight=limits.max_stream_requests_in_flight,
+        max_message_bytes=limits.max_message_bytes,
+        max_sessions=limits.max_sessions,
+        max_sessions_policy=limits.max_sessions_policy,
+        max_sessions_per_tenant=limits.max_sessions_per_tenant,
+        default_idle_ttl=optional(limits.default_idle_ttl),
+        max_idle_ttl=limits.max_idle_ttl.ToTimedelta(),
+        max_session_id_length=limits.max_session_id_length,
+        max_calls_per_peer=limits.max_calls_per_peer,
+        max_calls=limits.max_calls,
+        stream_idle_timeout=optional(limits.stream_idle_timeout),
+        tenant_rate=limits.tenant_rate,
+        tenant_burst=limits.tenant_burst,
     )
 
 

@@ -12,8 +12,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from lstm_client import Client
 from tests.procs import require
@@ -98,3 +100,19 @@ def test_python_reference_is_deterministic(client: Client) -> None:
     """The comparisons above assume one input gives one output bit for bit, on fresh sessions."""
     with client.create_session(MODEL) as a, client.create_session(MODEL) as b:
         assert np.asarray(a.step(STEPS[0])).tobytes() == np.asarray(b.step(STEPS[0])).tobytes()
+
+
+def test_reflection_serves_the_types_of_the_error_details(server: RunningServer) -> None:
+    """So that grpcurl, which resolves the Any details of a status by reflection, prints them decoded."""
+    with grpc.insecure_channel(server.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        files = {symbol: database.FindFileContainingSymbol(symbol).name for symbol in REFLECTED}
+    assert files == REFLECTED
+
+
+REFLECTED = {
+    "lstm.v1.GetServerInfoResponse": "lstm/v1/lstm.proto",
+    "google.rpc.ErrorInfo": "google/rpc/error_details.proto",
+    "google.rpc.BadRequest": "google/rpc/error_details.proto",
+    "google.rpc.Status": "google/rpc/status.proto",
+}

@@ -234,15 +234,24 @@ def _silent(deadline: float) -> Iterator[lstm_pb2.StepRequest]:
 # --- an older server: only the lstm-error-bin trailer --------------------------------------------------------------
 
 
-def test_the_client_falls_back_to_the_old_trailer() -> None:
-    legacy = lstm_pb2.Error(code=9, message="seq 3 is not next", reason="seq_mismatch", expected_seq=2)
+LEGACY = lstm_pb2.Error(code=9, message="seq 3 is not next", reason="seq_mismatch", expected_seq=2)
+CONTRADICTING = status_pb2.Status(code=5, message="seq 3 is not next")  # NOT_FOUND, on a FAILED_PRECONDITION call
+
+
+@pytest.mark.parametrize(
+    "standard",
+    [None, b"\xff\xfe not a Status", CONTRADICTING.SerializeToString()],
+    ids=["server-before-0.2", "undecodable-details", "contradicting-details"],
+)
+def test_the_client_falls_back_to_the_old_trailer(standard: bytes | None) -> None:
+    """A server before 0.2 sends only lstm-error-bin; a proxy could mangle the standard details. The client then reads
+    the old trailer rather than failing or trusting details that contradict the call's own status."""
+    trailers = [(ERROR_METADATA_KEY, LEGACY.SerializeToString())]
+    if standard is not None:
+        trailers.append(("grpc-status-details-bin", standard))
 
     def step(request: bytes, context: grpc.ServicerContext) -> bytes:
-        context.abort_with_status(  # what servers before 0.2 sent: no grpc-status-details-bin
-            _OldStatus(
-                grpc.StatusCode.FAILED_PRECONDITION, legacy.message, ((ERROR_METADATA_KEY, legacy.SerializeToString()),)
-            )
-        )
+        context.abort_with_status(_OldStatus(grpc.StatusCode.FAILED_PRECONDITION, LEGACY.message, tuple(trailers)))
         raise AssertionError("abort_with_status raises")
 
     server = grpc.server(ThreadPoolExecutor(2))
@@ -258,10 +267,10 @@ def test_the_client_falls_back_to_the_old_trailer() -> None:
             exc = _fail(lambda: call(b"", timeout=10))
     finally:
         server.stop(0)
-    assert rpc_status.from_call(exc) is None  # type: ignore[arg-type]
     err = error_from_rpc(exc)
     assert isinstance(err, SequenceError)
     assert (err.reason, err.expected_seq, err.message) == ("seq_mismatch", 2, "seq 3 is not next")
+    assert err.metadata == {}
 
 
 class _OldStatus(grpc.Status):

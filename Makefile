@@ -5,13 +5,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lstm_client/_proto
+# The protobuf generator lives in a venv of its own: it is pinned older than .venv's protobuf (requirements-proto.txt).
+PROTO_VENV  := .venv-proto
+PROTO_STAMP := $(PROTO_VENV)/.installed
 
-.PHONY: help venv run test lint proto proto-check bench clean fuzz-long
+.PHONY: help venv run test lint proto proto-check client-compat bench clean fuzz-long
 
 help:
 	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464); sessions kept across restarts"
 	@echo "make test    run the whole test suite"
-	@echo "make lint    ruff + mypy + generated-code check"
+	@echo "make lint    ruff + mypy + generated-code check + buf lint/format/breaking of proto/"
+	@echo "make client-compat  lstm-client's tests in fresh venvs with the oldest and newest protobuf/grpcio/numpy"
 	@echo "make proto   regenerate the protobuf/gRPC code from proto/"
 	@echo "make bench   measure lstm-serve against a bare gRPC echo on loopback (takes minutes)"
 	@echo "make fuzz-long  tests/fuzz with FUZZ_EXAMPLES (2000) examples each, fresh random seeds (takes minutes)"
@@ -36,16 +40,29 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP) proto-check
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code proto
+	$(BIN)/buf breaking --against proto/lstm/v1/released.binpb
 	$(BIN)/ruff check client server tests models bench deploy
 	$(BIN)/ruff format --check client server tests models bench deploy
 	$(BIN)/mypy
 
+# lstm-client's tests in fresh venvs with the lowest and the highest protobuf/grpcio/numpy it allows, and installed
+# beside tritonclient[grpc], against a server of this venv (tests/compat/run.py; needs the package registry).
+client-compat: $(STAMP)
+	$(BIN)/python -m tests.compat.run
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
-proto: $(STAMP)
+$(PROTO_STAMP): requirements-proto.txt
+	test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install --quiet -r requirements-proto.txt
+	touch $(PROTO_STAMP)
+
+proto: $(PROTO_STAMP)
 	rm -rf $(PROTO_OUT)/lstm
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) proto/lstm/v1/lstm.proto
 	# protoc writes absolute imports ("from lstm.v1 import ..."); the code lives inside lstm_client._proto.
 	sed -i 's/^from lstm\.v1 import/from lstm_client._proto.lstm.v1 import/' $(PROTO_OUT)/lstm/v1/*.py
@@ -60,7 +77,7 @@ proto-check: $(STAMP)
 	rm -rf .proto-check
 
 clean:
-	rm -rf $(VENV) .proto-check .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_VENV) .proto-check .client-compat .pytest_cache .mypy_cache .ruff_cache
 
 # The property-based tests of tests/fuzz with many more examples than CI runs, from fresh random seeds: thousands of
 # random request sequences against a live server. A failure prints a @reproduce_failure blob; LSTM_FUZZ_SHRINK=1

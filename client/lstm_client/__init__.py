@@ -8,7 +8,7 @@ with Client("127.0.0.1:50051") as client, client.create_session("elnino") as ses
 
 __version__ = "0.1.0"
 
-from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, SessionInfo
+from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
 from lstm_client._retry import RetryPolicy
 from lstm_client.aio import AsyncClient, AsyncSession
 from lstm_client.client import Client, Session
@@ -44,6 +44,7 @@ __all__ = [
     "RetryPolicy",
     "SequenceError",
     "ServerError",
+    "ServerInfo",
     "Session",
     "SessionGone",
     "SessionInfo",

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from google.protobuf import duration_pb2
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
-from lstm_client.errors import LstmError, error_from_detail
+from lstm_client.errors import LstmError, ServerError, error_from_detail
 from lstm_client.tensor import FloatArray, from_tensor, to_tensor
 
 
@@ -50,6 +50,28 @@ class SessionInfo:
     created: datetime
     last_used: datetime
     idle_ttl: timedelta | None  # None: never expires by idleness
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """The server's versions and the limits a client must respect (GetServerInfo; see ServerLimits in the proto)."""
+
+    server_version: str
+    protocol: str  # "lstm.v1"
+    max_steps_per_request: int
+    max_stream_requests_in_flight: int
+    max_message_bytes: int
+    max_sessions: int
+    max_sessions_policy: str  # "evict" or "refuse"
+    max_sessions_per_tenant: int  # 0: no limit
+    default_idle_ttl: timedelta | None  # None: no idle expiry
+    max_idle_ttl: timedelta
+    max_session_id_length: int
+    max_calls_per_peer: int
+    max_calls: int
+    stream_idle_timeout: timedelta | None  # None: never
+    tenant_rate: float  # requests per second; 0: no limit
+    tenant_burst: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +114,33 @@ def session_info(msg: lstm_pb2.SessionInfo) -> SessionInfo:
     )
 
 
+def server_info(msg: lstm_pb2.GetServerInfoResponse) -> ServerInfo:
+    limits = msg.limits
+
+    def optional(d: duration_pb2.Duration) -> timedelta | None:
+        t = d.ToTimedelta()
+        return t if t > timedelta(0) else None
+
+    return ServerInfo(
+        server_version=msg.server_version,
+        protocol=msg.protocol,
+        max_steps_per_request=limits.max_steps_per_request,
+        max_stream_requests_in_flight=limits.max_stream_requests_in_flight,
+        max_message_bytes=limits.max_message_bytes,
+        max_sessions=limits.max_sessions,
+        max_sessions_policy=limits.max_sessions_policy,
+        max_sessions_per_tenant=limits.max_sessions_per_tenant,
+        default_idle_ttl=optional(limits.default_idle_ttl),
+        max_idle_ttl=limits.max_idle_ttl.ToTimedelta(),
+        max_session_id_length=limits.max_session_id_length,
+        max_calls_per_peer=limits.max_calls_per_peer,
+        max_calls=limits.max_calls,
+        stream_idle_timeout=optional(limits.stream_idle_timeout),
+        tenant_rate=limits.tenant_rate,
+        tenant_burst=limits.tenant_burst,
+    )
+
+
 def create_session_request(
     model: str, ttl: float | timedelta | None, session_id: str | None
 ) -> lstm_pb2.CreateSessionRequest:
@@ -117,8 +166,12 @@ def step_request(session_id: str, seq: int, x: npt.ArrayLike) -> lstm_pb2.StepRe
 
 def step_outputs(reply: lstm_pb2.StepResponse | lstm_pb2.StepReply) -> FloatArray:
     """Outputs of a step; an in-band stream error is raised as the matching LstmError."""
-    if isinstance(reply, lstm_pb2.StepReply) and reply.HasField("error"):
-        raise error_from_detail(reply.error)
+    if isinstance(reply, lstm_pb2.StepReply):
+        result = reply.WhichOneof("result")
+        if result == "error":
+            raise error_from_detail(reply.error)
+        if result is None:
+            raise ServerError("the server sent a StepReply with neither outputs nor error")
     return from_tensor(reply.outputs)
 
 

@@ -13,7 +13,7 @@ import grpc
 import numpy.typing as npt
 
 from lstm_client import _calls, _retry
-from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, SessionInfo
+from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.errors import SessionGone, error_from_detail
@@ -110,6 +110,10 @@ class Client:
 
     def get_model(self, name: str) -> ModelInfo:
         return _calls.model_info(self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name)))
+
+    def server_info(self) -> ServerInfo:
+        """The server's versions and limits (a server before 0.2 answers UNIMPLEMENTED: ServerError)."""
+        return _calls.server_info(self._invoke("GetServerInfo", lstm_pb2.GetServerInfoRequest()))
 
     def create_session(
         self, model: str, *, ttl: float | timedelta | None = None, session_id: str | None = None
@@ -295,7 +299,7 @@ class _StepStream:
             raise
         finally:
             self._watchdog.disarm()
-        if reply.HasField("error"):
+        if reply.WhichOneof("result") == "error":
             err = error_from_detail(reply.error)
             if _retry.retryable(err):  # not applied (or applied and stored): resend on a new call
                 self._drop()

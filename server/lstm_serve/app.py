@@ -123,14 +123,19 @@ class App:
         self._plane = DataPlane(repository, store, self.metrics, limits, self._executor)
 
         call_limits = CallLimits(
-            s.max_concurrent_rpcs, s.max_calls_per_peer, s.stream_idle_timeout, s.tenant_rate, s.tenant_burst
+            s.max_concurrent_rpcs,
+            s.max_calls_per_peer,
+            s.stream_idle_timeout,
+            s.tenant_rate,
+            s.tenant_burst,
+            max_message_bytes=s.max_message_bytes,
         )
         self._calls = Calls(self.metrics, call_limits)  # the gate of lstm.v1 calls; health is outside it
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(tokens, self._calls)] if tokens is not None else [],
             options=[
-                ("grpc.max_receive_message_length", s.max_message_bytes),
-                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.max_receive_message_length", call_limits.max_message_bytes),
+                ("grpc.max_send_message_length", call_limits.max_message_bytes),
                 # grpcio shares ports by default; only workers over a shared store may (else sessions go missing)
                 ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
             ],

@@ -31,12 +31,22 @@ from lstm_serve.sessions import (
     new_session_id,
     session_key,
 )
+from lstm_serve.sessions.store import MAX_SESSION_ID_CHARS, LoadResult
 from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a transport may call a tenant
-from lstm_serve.sessions.store import LoadResult
 from lstm_serve.stepping import OVERFLOW, StepItem, StepOutcome, Stepper, check_finite, shape_inputs
 
 # The types of this API, for the transports (which import nothing past this module).
-__all__ = ["F32", "TENANT_NAME", "DataPlane", "Limits", "ModelInfo", "Session", "StepItem", "StepOutcome"]
+__all__ = [
+    "F32",
+    "TENANT_NAME",
+    "DataPlane",
+    "Limits",
+    "ModelInfo",
+    "Session",
+    "SessionLimits",
+    "StepItem",
+    "StepOutcome",
+]
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
 
@@ -49,6 +59,19 @@ class Limits:
     inline_max_parameters: int = 200_000
     inline_max_steps: int = 32
     max_sessions_per_tenant: int = 0  # store-wide; 0 = no limit
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """What a client must respect about sessions, as this data plane and its store enforce it (GetServerInfo)."""
+
+    max_sessions: int  # live sessions, store-wide
+    max_sessions_policy: str  # "evict" or "refuse", at max_sessions
+    max_sessions_per_tenant: int  # 0 = no limit
+    default_idle_ttl: float  # seconds, for a session created without one; 0 = no idle expiry
+    max_idle_ttl: float  # seconds, the longest idle TTL a client may ask for
+    max_session_id_chars: int  # a client-chosen id: 1 to this many characters of [A-Za-z0-9._:-]
+    max_steps_per_request: int
 
 
 class DataPlane:
@@ -146,6 +169,17 @@ class DataPlane:
             raise ModelNotFound(f"unknown model {shown!r}; served models: {known}")
         return model
 
+    def session_limits(self) -> SessionLimits:
+        return SessionLimits(
+            max_sessions=self.store.max_sessions,
+            max_sessions_policy=self.store.policy.value,
+            max_sessions_per_tenant=self.limits.max_sessions_per_tenant,
+            default_idle_ttl=self.store.default_ttl,
+            max_idle_ttl=MAX_IDLE_TTL,
+            max_session_id_chars=MAX_SESSION_ID_CHARS,
+            max_steps_per_request=self.limits.max_steps_per_request,
+        )
+
     # --- sessions -----------------------------------------------------------------------------------------------
     #
     # Every session method takes the caller's `tenant` (from the transport's authentication; "" on a server without
@@ -157,7 +191,9 @@ class DataPlane:
         self, model_name: str, session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
     ) -> Session:
         if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
-            raise InvalidInput(f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}")
+            raise InvalidInput(
+                f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}", "idle_ttl"
+            )
         self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
         client_id = session_id or new_session_id()
         session = await self.store.create(
@@ -245,7 +281,7 @@ class DataPlane:
         model = self.model(model_name)
         info = model.info
         if x.ndim != 2:
-            raise InvalidInput(f"inputs must have shape [T, {info.input_size}], got {list(x.shape)}")
+            raise InvalidInput(f"inputs must have shape [T, {info.input_size}], got {list(x.shape)}", "inputs")
         xs, _ = shape_inputs(x, info, self.limits.max_steps_per_request)
         check_finite(xs)
         state = model.zero_state()
@@ -253,13 +289,13 @@ class DataPlane:
             if given is None:
                 continue
             if given.shape != state.shape[1:]:
-                raise InvalidInput(f"{name} must have shape {list(state.shape[1:])}, got {list(given.shape)}")
+                raise InvalidInput(f"{name} must have shape {list(state.shape[1:])}, got {list(given.shape)}", name)
             if not np.all(np.isfinite(given)):
-                raise InvalidInput(f"{name} contains NaN or Inf")
+                raise InvalidInput(f"{name} contains NaN or Inf", name)
             state[i] = given
         ys, final, finite = await self._batchers[info.name].submit(xs, state)
         if not finite:
-            raise InvalidInput(OVERFLOW)
+            raise InvalidInput(OVERFLOW, "inputs")
         return ys, final[0], final[1]
 
 

@@ -13,6 +13,9 @@ class LstmServeError(Exception):
     MAX_MESSAGE_CHARS, so that no request can make its own error too big to be delivered."""
 
     reason = "internal"
+    # Seconds after which a retry may succeed, for the errors a retry can cure (the transport tells the client, as
+    # google.rpc.RetryInfo); None: a retry does not help by itself.
+    retry_after: float | None = None
 
     def __init__(self, message: str) -> None:
         if len(message) > MAX_MESSAGE_CHARS:
@@ -22,7 +25,14 @@ class LstmServeError(Exception):
 
 
 class InvalidInput(LstmServeError):
+    """`field` names the request field at fault ("inputs", "h0", "session_id", ...; "" for the whole message), for
+    the client's google.rpc.BadRequest."""
+
     reason = "bad_input"
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ModelNotFound(LstmServeError):
@@ -55,9 +65,14 @@ class SequenceMismatch(LstmServeError):
 class LimitExceeded(LstmServeError):
     reason = "limit"
 
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class ShuttingDown(LstmServeError):
     reason = "unavailable"
+    retry_after = 0.0  # at once, on another replica or on a new connection
 
 
 class StoreUnavailable(LstmServeError):
@@ -65,6 +80,7 @@ class StoreUnavailable(LstmServeError):
     was not told about: a retry either applies the step or replays its stored reply."""
 
     reason = "store_unavailable"
+    retry_after = 0.1
 
 
 class CapacityExceeded(LstmServeError):
@@ -84,6 +100,10 @@ class RateLimited(LstmServeError):
     """The caller's tenant sent more requests than --tenant-rate allows (its bucket is empty); retry later."""
 
     reason = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ModelLoadError(LstmServeError):

@@ -80,15 +80,18 @@ def shape_inputs(x: F32, info: ModelInfo, max_steps: int) -> tuple[F32, bool]:
     """x as (T, I), and whether the request held a single step; raises InvalidInput (or LimitExceeded) with the
     reason. Finiteness is checked apart (`check_finite`, or for a batch by the backend's finiteness flag)."""
     if x.ndim not in (1, 2):
-        raise InvalidInput(f"inputs must have shape [{info.input_size}] or [T, {info.input_size}], got {list(x.shape)}")
+        raise InvalidInput(
+            f"inputs must have shape [{info.input_size}] or [T, {info.input_size}], got {list(x.shape)}", "inputs"
+        )
     single = x.ndim == 1
     xs = x.reshape(1, -1) if single else x
     if xs.shape[0] == 0:
-        raise InvalidInput("inputs hold no time step (T = 0)")
+        raise InvalidInput("inputs hold no time step (T = 0)", "inputs")
     if xs.shape[1] != info.input_size:
         raise InvalidInput(
             f"model {info.name!r} takes {info.input_size} input features, got {xs.shape[1]} "
-            f"(inputs shape {list(x.shape)})"
+            f"(inputs shape {list(x.shape)})",
+            "inputs",
         )
     if xs.shape[0] > max_steps:
         raise LimitExceeded(f"{xs.shape[0]} time steps in one request; the limit is {max_steps}")
@@ -98,7 +101,7 @@ def shape_inputs(x: F32, info: ModelInfo, max_steps: int) -> tuple[F32, bool]:
 def check_finite(xs: F32) -> None:
     if not np.isfinite(xs).all():
         bad = np.argwhere(~np.isfinite(xs))[0]
-        raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
+        raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})", "inputs")
 
 
 class Stepper:
@@ -280,7 +283,7 @@ class Stepper:
                 if not finite:
                     try:
                         check_finite(j.xs)  # NaN or Inf given, or the arithmetic overflowed
-                        out[j.item] = InvalidInput(OVERFLOW)
+                        out[j.item] = InvalidInput(OVERFLOW, "inputs")
                     except InvalidInput as exc:
                         out[j.item] = exc
                     continue
@@ -369,7 +372,7 @@ class Stepper:
                 [xs], [session.state_array(info.state_shape)]
             )
             if not finite:
-                raise InvalidInput(OVERFLOW)
+                raise InvalidInput(OVERFLOW, "inputs")
             outputs = ys[0] if single else ys
             after = session.stepped(seq, new_state, outputs, digest, self.store.now())
             result = await self._commit_one(StepWrite(session, after))

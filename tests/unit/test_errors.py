@@ -8,7 +8,7 @@ import pytest
 from lstm_client import errors as client_errors
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_serve import errors
-from lstm_serve.service.status import STATUS_CODES, error_detail, status_code
+from lstm_serve.service.status import STATUS_CODES, error_detail, error_metadata, status_code
 
 
 def _all_subclasses(cls: type[errors.LstmServeError]) -> set[type[errors.LstmServeError]]:
@@ -55,3 +55,17 @@ def test_status_without_detail_still_maps() -> None:
     err = client_errors.error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max")
     assert isinstance(err, client_errors.ResourceExhausted)
     assert isinstance(client_errors.error_from_status(grpc.StatusCode.INTERNAL, "boom"), client_errors.ServerError)
+
+
+def test_the_trailers_of_the_longest_error_stay_far_below_8_kib() -> None:
+    """grpc refuses trailers over 8 KiB: the standard details, the deprecated trailer and the message together must
+    fit, for the longest message (MAX_MESSAGE_CHARS) and the longest echoed request fields."""
+    from lstm_client._proto.lstm.v1 import lstm_pb2 as pb
+
+    request = pb.CreateSessionRequest(model="m" * 100_000, session_id="s" * 100_000)
+    exc = errors.ModelNotFound("x" * 5000)  # messages are ASCII but for echoed names (cut to 128 characters)
+    assert len(exc.message) == errors.MAX_MESSAGE_CHARS
+    trailers = error_metadata(status_code(exc), exc, request)
+    size = sum(len(key) + len(value) for key, value in trailers) * 4 / 3  # -bin values travel in base64
+    size += len(exc.message.encode())  # grpc-message
+    assert size < 7 * 1024, size

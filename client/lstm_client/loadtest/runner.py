@@ -209,7 +209,7 @@ async def _stream(
                 run = by_id[reply.session_id]
                 if outstanding.get(run.session_id) is None or reply.seq != run.next + 1:
                     continue  # not a reply this stream is waiting for
-                if reply.HasField("error"):
+                if reply.WhichOneof("result") == "error":
                     err = error_from_detail(reply.error)
                     if _retry.retryable(err):
                         raise err  # resent, with the other unanswered ones, on a new stream

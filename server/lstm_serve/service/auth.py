@@ -29,7 +29,7 @@ import grpc.aio
 from lstm_serve.dataplane import TENANT_NAME
 from lstm_serve.errors import Unauthenticated
 from lstm_serve.service.calls import TENANT, Calls, Context, request_id
-from lstm_serve.service.status import error_detail, error_metadata, status_code
+from lstm_serve.service.status import error_metadata, status_code
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             code = status_code(exc)
             calls.refused(method, None, request_id(context), code, f"{exc.message} (from {context.peer()})")
             calls.finished(method, code, start)
-            context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
+            context.set_trailing_metadata(error_metadata(code, exc))
             await context.abort(code, exc.message)
 
         if handler.request_streaming and handler.response_streaming:

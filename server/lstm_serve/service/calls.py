@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError, Message
 from lstm_serve.errors import InvalidInput, LimitExceeded, LstmServeError, RateLimited, ShuttingDown
 from lstm_serve.logs import RateLimitedLog
 from lstm_serve.metrics import Metrics
-from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
+from lstm_serve.service.status import INTERNAL_MESSAGE, error_metadata, status_code
 from lstm_serve.token_bucket import TokenBucket
 
 log = logging.getLogger("lstm_serve.service")
@@ -38,6 +38,7 @@ Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 REQUEST_ID_KEY = "x-request-id"
+ADMISSION_RETRY = 0.1  # seconds a call refused for the calls in progress is told to wait (RetryInfo)
 
 # The authenticated tenant of the call being handled: set by service/auth.py's interceptor in the call's own task
 # (grpc.aio runs the interceptors and the handler of one call in one task, so it holds for the whole call and for the
@@ -52,6 +53,7 @@ class CallLimits:
     stream_idle_timeout: float = 300.0  # a stream that sends nothing for this long is ended (0 = never)
     tenant_rate: float = 0.0  # requests per second per tenant (unary calls and stream requests); 0 = no limit
     tenant_burst: int = 0  # requests at once above the rate; 0 = one second's worth
+    max_message_bytes: int = 4 << 20  # the largest message received or sent (a grpc server option; told to clients)
 
 
 class TenantRates:
@@ -72,7 +74,9 @@ class TenantRates:
         wait = bucket.take()
         if wait:
             raise RateLimited(
-                f"your tenant sent more than its {self.rate:g} requests/s (burst {self.burst:g}); retry in {wait:.3f} s"
+                f"your tenant sent more than its {self.rate:g} requests/s (burst {self.burst:g}); "
+                f"retry in {wait:.3f} s",
+                retry_after=wait,
             )
 
 
@@ -119,16 +123,25 @@ class Calls:
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry (another replica, or this one once restarted)")
         if self._in_flight >= self.limits.max_calls:
-            raise LimitExceeded(f"the server has {self._in_flight} calls in progress, its limit; retry later")
+            raise LimitExceeded(
+                f"the server has {self._in_flight} calls in progress, its limit; retry later",
+                retry_after=ADMISSION_RETRY,
+            )
         if self._per_peer[peer] >= self.limits.max_calls_per_peer:
             raise LimitExceeded(
-                f"{self._per_peer[peer]} calls in progress from your address, its limit; close idle streams"
+                f"{self._per_peer[peer]} calls in progress from your address, its limit; close idle streams",
+                retry_after=ADMISSION_RETRY,
             )
         if request:  # charged last: a call refused for the limits above costs the tenant nothing
             self.charge()
         self._in_flight += 1
         self._per_peer[peer] += 1
         self._idle.clear()
+
+    @property
+    def tenant_burst(self) -> int:
+        """Requests a tenant may send at once above its rate, as enforced (0 without a rate)."""
+        return int(self._rates.burst) if self._rates is not None else 0
 
     def charge(self) -> None:
         """One request of the call's tenant against its rate (--tenant-rate); raises RateLimited over it."""
@@ -196,7 +209,7 @@ class Calls:
                     self.leave(peer)
             except LstmServeError as exc:
                 code = status_code(exc)
-                context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
+                context.set_trailing_metadata(error_metadata(code, exc, request))
                 self.refused(method, request, request_id(context), code, exc.message)
                 counted = self.finished(method, code, start)  # before the client can see the status (and scrape)
                 await context.abort(code, exc.message)
@@ -208,6 +221,7 @@ class Calls:
                 code = grpc.StatusCode.INTERNAL
                 self.failed(method, request, context)
                 counted = self.finished(method, code, start)
+                context.set_trailing_metadata(error_metadata(code, None, request))
                 await context.abort(code, INTERNAL_MESSAGE)
                 raise
             finally:

@@ -6,19 +6,22 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_client.tensor import TensorDecodeError, from_tensor, to_tensor
-from lstm_serve.dataplane import F32, ModelInfo, Session
+from lstm_serve import __version__
+from lstm_serve.dataplane import F32, ModelInfo, Session, SessionLimits
 from lstm_serve.errors import InvalidInput
 
-__all__ = ["decode_tensor", "model_info", "seconds", "session_info", "to_tensor"]
+__all__ = ["decode_tensor", "model_info", "seconds", "server_info", "session_info", "to_tensor"]
+
+UINT32_MAX = 2**32 - 1
 
 
 def decode_tensor(tensor: lstm_pb2.Tensor, name: str) -> F32:
     if not tensor.shape and not tensor.data:
-        raise InvalidInput(f"{name} is missing (empty tensor)")
+        raise InvalidInput(f"{name} is missing (empty tensor)", name)
     try:
         return from_tensor(tensor)
     except TensorDecodeError as exc:
-        raise InvalidInput(f"{name}: {exc}") from None
+        raise InvalidInput(f"{name}: {exc}", name) from None
 
 
 def seconds(duration: duration_pb2.Duration) -> float:
@@ -62,4 +65,41 @@ def session_info(session: Session) -> lstm_pb2.SessionInfo:
         created=_timestamp(session.created),
         last_used=_timestamp(session.last_used),
         idle_ttl=_duration(session.idle_ttl),
+    )
+
+
+def server_info(
+    sessions: SessionLimits,
+    *,
+    stream_window: int,
+    max_message_bytes: int,
+    max_calls: int,
+    max_calls_per_peer: int,
+    stream_idle_timeout: float,
+    tenant_rate: float,
+    tenant_burst: int,
+) -> lstm_pb2.GetServerInfoResponse:
+    """Numbers a setting allows past uint32 (nobody configures 4 billion sessions) are sent as UINT32_MAX."""
+
+    def u32(n: int) -> int:
+        return min(max(n, 0), UINT32_MAX)
+
+    limits = lstm_pb2.ServerLimits(
+        max_steps_per_request=u32(sessions.max_steps_per_request),
+        max_stream_requests_in_flight=u32(stream_window),
+        max_message_bytes=u32(max_message_bytes),
+        max_sessions=u32(sessions.max_sessions),
+        max_sessions_policy=sessions.max_sessions_policy,
+        max_sessions_per_tenant=u32(sessions.max_sessions_per_tenant),
+        default_idle_ttl=_duration(sessions.default_idle_ttl),
+        max_idle_ttl=_duration(sessions.max_idle_ttl),
+        max_session_id_length=u32(sessions.max_session_id_chars),
+        max_calls_per_peer=u32(max_calls_per_peer),
+        max_calls=u32(max_calls),
+        stream_idle_timeout=_duration(stream_idle_timeout),
+        tenant_rate=tenant_rate,
+        tenant_burst=u32(tenant_burst),
+    )
+    return lstm_pb2.GetServerInfoResponse(
+        server_version=__version__, protocol=lstm_pb2.DESCRIPTOR.package, limits=limits
     )

@@ -49,6 +49,7 @@ class LstmServicer:
             "Step": (lstm_pb2.StepRequest, self.Step),
             "Predict": (lstm_pb2.PredictRequest, self.Predict),
             "StepMany": (lstm_pb2.StepManyRequest, self.StepMany),
+            "GetServerInfo": (lstm_pb2.GetServerInfoRequest, self.GetServerInfo),
         }
         serialize = lstm_pb2.StepReply.SerializeToString
         handlers = {
@@ -139,6 +140,21 @@ class LstmServicer:
         ys, h, c = await self.plane.predict(request.model, x, h0, c0)
         return lstm_pb2.PredictResponse(outputs=codec.to_tensor(ys), h=codec.to_tensor(h), c=codec.to_tensor(c))
 
+    async def GetServerInfo(
+        self, request: lstm_pb2.GetServerInfoRequest, context: Context
+    ) -> lstm_pb2.GetServerInfoResponse:
+        limits = self.calls.limits
+        return codec.server_info(
+            self.plane.session_limits(),
+            stream_window=STREAM_WINDOW,
+            max_message_bytes=limits.max_message_bytes,
+            max_calls=limits.max_calls,
+            max_calls_per_peer=limits.max_calls_per_peer,
+            stream_idle_timeout=limits.stream_idle_timeout,
+            tenant_rate=limits.tenant_rate,
+            tenant_burst=self.calls.tenant_burst,
+        )
+
     async def StreamSteps(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[lstm_pb2.StepReply]:
         """Requests are taken as they arrive and answered as they finish, so that the sessions sharing a stream (and
         the other streams' sessions) batch together; one session's requests keep their order through the data
@@ -158,7 +174,7 @@ class LstmServicer:
         except LstmServeError as exc:
             code = status_code(exc)
             self.calls.finished("StreamSteps", code, start)
-            context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
+            context.set_trailing_metadata(error_metadata(code, exc))
             await context.abort(code, exc.message)
         stream = _Stream()
 
@@ -195,7 +211,7 @@ class LstmServicer:
             reader.result()  # re-raises a failure of the request side
         except ShuttingDown as exc:
             code = status_code(exc)
-            context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
+            context.set_trailing_metadata(error_metadata(code, exc))
             await context.abort(code, exc.message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -205,6 +221,7 @@ class LstmServicer:
         except Exception:
             code = grpc.StatusCode.INTERNAL
             self.calls.failed("StreamSteps", None, context)
+            context.set_trailing_metadata(error_metadata(code, None))
             await context.abort(code, INTERNAL_MESSAGE)
         finally:
             reader.cancel()

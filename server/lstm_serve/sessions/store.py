@@ -19,12 +19,13 @@ import numpy as np
 from lstm_serve.engine.cell import F32
 from lstm_serve.errors import CapacityExceeded, InvalidInput, SessionNotFound
 
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_SESSION_ID_CHARS = 128
+_CLIENT_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_SESSION_ID_CHARS}}}")
 # How a store keys a session: the client's id, prefixed with its tenant's name and "/" when the server authenticates
 # (lstm_serve.service.auth). "/" is in no client id, so no client can name another tenant's key.
 _TENANT = r"[A-Za-z0-9._-]{1,64}"
 TENANT_NAME = re.compile(_TENANT)
-_KEY = re.compile(rf"(?:{_TENANT}/)?[A-Za-z0-9._:-]{{1,128}}")
+_KEY = re.compile(rf"(?:{_TENANT}/)?[A-Za-z0-9._:-]{{1,{MAX_SESSION_ID_CHARS}}}")
 DIGEST_BYTES = 16  # blake2b-128 of a step's inputs: a retry with other inputs cannot be made to collide cheaply
 
 
@@ -130,14 +131,14 @@ def new_session_id() -> str:
 def validate_session_id(session_id: str) -> str:
     """A session id as clients write it (the strict form: no tenant prefix)."""
     if not _CLIENT_ID.fullmatch(session_id):  # fullmatch: "$" would admit a trailing newline
-        raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9._:-]", "session_id")
     return session_id
 
 
 def validate_session_key(key: str) -> str:
     """A store's key of a session: a client id, optionally prefixed with "tenant/" (see session_key)."""
     if not _KEY.fullmatch(key):
-        raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        raise InvalidInput("session_id must be 1-128 characters of [A-Za-z0-9._:-]", "session_id")
     return key
 
 
@@ -170,6 +171,11 @@ class SessionStore(Protocol):
 
     shared: bool
     authoritative: bool
+    # The capacity a client is told about (GetServerInfo): live sessions at most, what happens at that number, and
+    # the idle TTL of a session created without one (seconds; 0 = none).
+    max_sessions: int
+    policy: CapacityPolicy
+    default_ttl: float
 
     async def create(
         self,

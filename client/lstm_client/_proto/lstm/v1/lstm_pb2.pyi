@@ -1,12 +1,9 @@
-import datetime
-
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -80,7 +77,7 @@ class ModelInfo(_message.Message):
     input_features: _containers.RepeatedScalarFieldContainer[str]
     output_features: _containers.RepeatedScalarFieldContainer[str]
     normalized: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., backend: _Optional[str] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_size: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., output_features: _Optional[_Iterable[str]] = ..., normalized: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., backend: _Optional[str] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_size: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., output_features: _Optional[_Iterable[str]] = ..., normalized: bool = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("model", "session_id", "idle_ttl")
@@ -90,7 +87,7 @@ class CreateSessionRequest(_message.Message):
     model: str
     session_id: str
     idle_ttl: _duration_pb2.Duration
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "model", "seq", "steps", "created", "last_used", "idle_ttl")
@@ -108,7 +105,7 @@ class SessionInfo(_message.Message):
     created: _timestamp_pb2.Timestamp
     last_used: _timestamp_pb2.Timestamp
     idle_ttl: _duration_pb2.Duration
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., seq: _Optional[int] = ..., steps: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., seq: _Optional[int] = ..., steps: _Optional[int] = ..., created: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -203,3 +200,49 @@ class PredictResponse(_message.Message):
     h: Tensor
     c: Tensor
     def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., h: _Optional[_Union[Tensor, _Mapping]] = ..., c: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("server_version", "protocol", "limits")
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    server_version: str
+    protocol: str
+    limits: ServerLimits
+    def __init__(self, server_version: _Optional[str] = ..., protocol: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_steps_per_request", "max_stream_requests_in_flight", "max_message_bytes", "max_sessions", "max_sessions_policy", "max_sessions_per_tenant", "default_idle_ttl", "max_idle_ttl", "max_session_id_length", "max_calls_per_peer", "max_calls", "stream_idle_timeout", "tenant_rate", "tenant_burst")
+    MAX_STEPS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_IDLE_TTL_FIELD_NUMBER: _ClassVar[int]
+    MAX_IDLE_TTL_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_RATE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_BURST_FIELD_NUMBER: _ClassVar[int]
+    max_steps_per_request: int
+    max_stream_requests_in_flight: int
+    max_message_bytes: int
+    max_sessions: int
+    max_sessions_policy: str
+    max_sessions_per_tenant: int
+    default_idle_ttl: _duration_pb2.Duration
+    max_idle_ttl: _duration_pb2.Duration
+    max_session_id_length: int
+    max_calls_per_peer: int
+    max_calls: int
+    stream_idle_timeout: _duration_pb2.Duration
+    tenant_rate: float
+    tenant_burst: int
+    def __init__(self, max_steps_per_request: _Optional[int] = ..., max_stream_requests_in_flight: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_sessions_policy: _Optional[str] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., max_idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., max_session_id_length: _Optional[int] = ..., max_calls_per_peer: _Optional[int] = ..., max_calls: _Optional[int] = ..., stream_idle_timeout: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., tenant_rate: _Optional[float] = ..., tenant_burst: _Optional[int] = ...) -> None: ...

@@ -5,8 +5,10 @@ import warnings
 
 from lstm_client._proto.lstm.v1 import lstm_pb2 as lstm_dot_v1_dot_lstm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.63.2'
 GRPC_VERSION = grpc.__version__
+EXPECTED_ERROR_RELEASE = '1.65.0'
+SCHEDULED_RELEASE_DATE = 'June 25, 2024'
 _version_not_supported = False
 
 try:
@@ -16,17 +18,21 @@ except ImportError:
     _version_not_supported = True
 
 if _version_not_supported:
-    raise RuntimeError(
+    warnings.warn(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in lstm/v1/lstm_pb2_grpc.py depends on'
+        + f' but the generated code in lstm/v1/lstm_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + f' This warning will become an error in {EXPECTED_ERROR_RELEASE},'
+        + f' scheduled for release on {SCHEDULED_RELEASE_DATE}.',
+        RuntimeWarning
     )
 
 
-class LstmServiceStub:
-    """Missing associated documentation comment in .proto file."""
+class LstmServiceStub(object):
+    """Stateful LSTM inference: sessions that keep a model's recurrent state between steps.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -84,10 +90,16 @@ class LstmServiceStub:
                 request_serializer=lstm_dot_v1_dot_lstm__pb2.PredictRequest.SerializeToString,
                 response_deserializer=lstm_dot_v1_dot_lstm__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/lstm.v1.LstmService/GetServerInfo',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
-class LstmServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+class LstmServiceServicer(object):
+    """Stateful LSTM inference: sessions that keep a model's recurrent state between steps.
+    """
 
     def ListModels(self, request, context):
         """Models the server loaded, and the ones it could not load with the reason.
@@ -97,19 +109,22 @@ class LstmServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One model by name; NOT_FOUND if the server does not serve it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Opens a session on a model, with zero state and seq 0.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The session's sequence number, step count and times; NOT_FOUND (reason: why it ended) once it is gone.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -122,7 +137,8 @@ class LstmServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Ends the session; later calls naming it answer NOT_FOUND with reason "closed".
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,6 +170,16 @@ class LstmServiceServicer:
 
     def Predict(self, request, context):
         """Stateless: runs a whole sequence from an optional initial state and returns every output and the final state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """--- added in 0.2 -------------------------------------------------------------------------------------------------
+
+        The server's versions and the limits a client must respect (time steps per request, requests in flight per
+        stream, message size, sessions, idle TTL bounds). Call it once when connecting.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,16 +238,21 @@ def add_LstmServiceServicer_to_server(servicer, server):
                     request_deserializer=lstm_dot_v1_dot_lstm__pb2.PredictRequest.FromString,
                     response_serializer=lstm_dot_v1_dot_lstm__pb2.PredictResponse.SerializeToString,
             ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lstm.v1.LstmService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('lstm.v1.LstmService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class LstmService:
-    """Missing associated documentation comment in .proto file."""
+class LstmService(object):
+    """Stateful LSTM inference: sessions that keep a model's recurrent state between steps.
+    """
 
     @staticmethod
     def ListModels(request,
@@ -483,6 +514,33 @@ class LstmService:
             '/lstm.v1.LstmService/Predict',
             lstm_dot_v1_dot_lstm__pb2.PredictRequest.SerializeToString,
             lstm_dot_v1_dot_lstm__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.LstmService/GetServerInfo',
+            lstm_dot_v1_dot_lstm__pb2.GetServerInfoRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ import contextvars
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -215,6 +215,88 @@ class Calls:
                     self.finished(method, code, start)
 
         return behaviour
+
+    async def stream(
+        self,
+        method: str,
+        requests: AsyncIterator[bytes],
+        context: Context,
+        answer: Callable[[bytes], Awaitable[Resp]],
+        window: int,
+    ) -> AsyncIterator[Resp]:
+        """The grpc behaviour of a stream of independent requests, each answered in-band by `answer` (which answers
+        its own failures and never raises). Requests are handled concurrently, at most `window` of them at a time,
+        and answered as they finish; what must stay in order (one session's steps) is ordered by the data plane's
+        per-session locks. The stream is admitted like a call; each request pays its tenant's rate in `answer`.
+
+        A stream that stops being read (the server drains for shutdown, or the stream sat idle past the limit) first
+        answers every request it took, then ends with UNAVAILABLE: the client reconnects and resends what was not
+        answered. (LstmServicer.StreamSteps is the same machinery, written before this one.)
+        """
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        peer = peer_host(context)
+        try:
+            self.enter(peer, request=False)
+        except LstmServeError as exc:
+            code = status_code(exc)
+            self.finished(method, code, start)
+            context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
+            await context.abort(code, exc.message)
+        replies: asyncio.Queue[tuple[Resp] | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(window)
+        answering: set[asyncio.Task[None]] = set()
+
+        def settle(_: object = None) -> None:  # the stream's last reply is queued once nothing can add one
+            if reader.done() and not answering:
+                replies.put_nowait(None)
+
+        async def one(data: bytes) -> None:
+            try:
+                replies.put_nowait((await answer(data),))
+            finally:
+                answering.discard(asyncio.current_task())
+                settle()
+
+        async def read() -> None:
+            async for data in requests:
+                self.stream_received(reader)
+                await slots.acquire()
+                answering.add(asyncio.create_task(one(data)))
+
+        reader = asyncio.create_task(read())
+        self.watch_stream(reader)
+        reader.add_done_callback(settle)
+        try:
+            while (reply := await replies.get()) is not None:
+                slots.release()
+                yield reply[0]
+            if reader.cancelled():  # drained or idle: everything taken is answered; now send the client elsewhere
+                raise ShuttingDown(
+                    "the server is shutting down; reconnect and resend unanswered requests"
+                    if self.draining
+                    else f"stream idle for {self.limits.stream_idle_timeout:g} s; reconnect when needed"
+                )
+            reader.result()  # re-raises a failure of the request side
+        except ShuttingDown as exc:
+            code = status_code(exc)
+            context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
+            await context.abort(code, exc.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.RpcError:  # the client went away: nobody to answer
+            code = grpc.StatusCode.CANCELLED
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            self.failed(method, None, context)
+            await context.abort(code, INTERNAL_MESSAGE)
+        finally:
+            reader.cancel()
+            for pending in list(answering):
+                pending.cancel()
+            self.leave(peer)
+            self.finished(method, code, start)
 
     def finished(self, method: str, code: grpc.StatusCode, start: float) -> float:
         elapsed = time.perf_counter() - start

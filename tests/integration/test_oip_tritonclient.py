@@ -5,6 +5,8 @@ what the lstm.v1 client gets for the same inputs, and with the committed PyTorch
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ import pytest
 from lstm_client import Client
 from lstm_serve._proto.inference import grpc_service_pb2 as pb
 from lstm_serve.service.auth import token_hash
-from tests.golden import FIXTURES, golden
+from tests.golden import FIXTURES, REPO, golden
 from tests.oip_client import array, drive, tensor
+from tests.oip_client import python as oip_python
 from tests.servers import RunningServer, model_repository, start_server, stop_server, test_settings
 
 ELNINO = np.load(FIXTURES / "elnino_reference.npz")  # inputs (T,), outputs (T,): degrees C
@@ -272,3 +275,20 @@ def test_tritonclient_sends_the_bearer_token_as_a_header(tmp_path: Path) -> None
     assert "requires a bearer token" in anonymous["error"]["message"]
     np.testing.assert_allclose(array(carol)[0], ELNINO["outputs"][:1], atol=1e-4, rtol=0)
     assert ready is True
+
+
+def test_the_docs_example_runs_as_printed(server: RunningServer, client: Client) -> None:
+    text = (REPO / "docs" / "oip.md").read_text()
+    [example] = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert "127.0.0.1:50051" in example
+    done = subprocess.run(
+        [str(oip_python()), "-c", example.replace("127.0.0.1:50051", server.target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    months = np.array([26.1, 26.4, 26.9, 27.3], dtype=np.float32).reshape(4, 1)
+    expected = [round(float(y[0]), 2) for y in _lstm_v1_steps(client, "elnino", months)]
+    assert done.stdout.strip() == f"next month's SST forecasts (C): {expected}"

@@ -330,3 +330,24 @@ def test_oip_can_be_turned_off(models: Path) -> None:
         _refused(oip.ServerLive, pb.ServerLiveRequest(), Code.UNIMPLEMENTED)
         with server.client() as client:
             assert client.get_model("elnino").name == "elnino"
+
+
+def test_idle_streams_end_after_answering(models: Path) -> None:
+    with _serving(models, stream_idle_timeout=0.3) as server, _stub(server.target) as oip:
+        release = threading.Event()
+
+        def requests() -> Iterator[pb.ModelInferRequest]:
+            yield _request("elnino", [[25.0]])
+            release.wait(10)  # then nothing more: the stream sits idle
+
+        replies = oip.ModelStreamInfer(requests(), timeout=20)
+        try:
+            first = next(replies)
+            with pytest.raises(grpc.RpcError) as err:
+                next(replies)
+        finally:
+            release.set()
+    assert first.error_message == ""
+    assert _outputs(first.infer_response).shape == (1, 1)
+    assert err.value.code() == Code.UNAVAILABLE
+    assert "stream idle for 0.3 s; reconnect when needed" in (err.value.details() or "")

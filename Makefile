@@ -8,8 +8,12 @@ PROTO_OUT := client/lstm_client/_proto
 # The protobuf generator lives in a venv of its own: it is pinned older than .venv's protobuf (requirements-proto.txt).
 PROTO_VENV  := .venv-proto
 PROTO_STAMP := $(PROTO_VENV)/.installed
+OIP_OUT   := server/lstm_serve/_proto
+# tritonclient, in a venv of its own (it needs protobuf < 7): the tests drive the OIP endpoint with it
+TRITON_VENV  := .venv-tritonclient
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: help venv run test lint proto proto-check client-compat bench clean fuzz-long
+.PHONY: help venv tritonclient-venv run test lint proto proto-check client-compat bench clean fuzz-long
 
 help:
 	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464); sessions kept across restarts"
@@ -29,6 +33,13 @@ $(STAMP): client/pyproject.toml server/pyproject.toml requirements-dev.txt
 
 venv: $(STAMP)
 
+$(TRITON_STAMP): tests/oip_client/requirements.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet -r tests/oip_client/requirements.txt
+	touch $(TRITON_STAMP)
+
+tritonclient-venv: $(TRITON_STAMP)
+
 # Sessions are written to $(SNAPSHOT) when the server stops (Ctrl-C) and read back at the next `make run`.
 SNAPSHOT ?= .run/sessions.snap
 
@@ -36,7 +47,7 @@ run: $(STAMP)
 	@mkdir -p $(dir $(SNAPSHOT))
 	$(BIN)/lstm-serve serve --model-dir models --snapshot $(SNAPSHOT)
 
-test: $(STAMP)
+test: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP) proto-check
@@ -67,17 +78,25 @@ proto: $(PROTO_STAMP)
 	# protoc writes absolute imports ("from lstm.v1 import ..."); the code lives inside lstm_client._proto.
 	sed -i 's/^from lstm\.v1 import/from lstm_client._proto.lstm.v1 import/' $(PROTO_OUT)/lstm/v1/*.py
 	touch $(PROTO_OUT)/lstm/__init__.py $(PROTO_OUT)/lstm/v1/__init__.py
+	# The Open Inference Protocol (KServe v2) messages: only the server speaks them, so they live in its package.
+	rm -rf $(OIP_OUT)/inference
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=$(OIP_OUT) --pyi_out=$(OIP_OUT) \
+		--grpc_python_out=$(OIP_OUT) proto/inference/grpc_service.proto
+	sed -i 's/^from inference import/from lstm_serve._proto.inference import/' $(OIP_OUT)/inference/*.py
+	touch $(OIP_OUT)/__init__.py $(OIP_OUT)/inference/__init__.py
 
 # Regenerates into a scratch copy and fails when the checked-in code differs from what proto/ produces.
 proto-check: $(STAMP)
 	rm -rf .proto-check && mkdir -p .proto-check
 	cp -r $(PROTO_OUT) .proto-check/before
+	cp -r $(OIP_OUT) .proto-check/before-oip
 	$(MAKE) --no-print-directory proto
 	diff -r -x __pycache__ .proto-check/before $(PROTO_OUT) || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+	diff -r -x __pycache__ .proto-check/before-oip $(OIP_OUT) || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
 	rm -rf .proto-check
 
 clean:
-	rm -rf $(VENV) $(PROTO_VENV) .proto-check .client-compat .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_VENV) $(TRITON_VENV) .proto-check .client-compat .pytest_cache .mypy_cache .ruff_cache
 
 # The property-based tests of tests/fuzz with many more examples than CI runs, from fresh random seeds: thousands of
 # random request sequences against a live server. A failure prints a @reproduce_failure blob; LSTM_FUZZ_SHRINK=1

@@ -31,6 +31,8 @@ from lstm_serve.dataplane import DataPlane, Limits
 from lstm_serve.engine.repository import Repository
 from lstm_serve.errors import StoreUnavailable
 from lstm_serve.metrics import Metrics
+from lstm_serve.oip import OipServicer
+from lstm_serve.oip.servicer import SERVICE as OIP_SERVICE_NAME
 from lstm_serve.service import CallLimits, Calls, LstmServicer
 from lstm_serve.service.auth import AuthInterceptor, TokenFileError, Tokens
 from lstm_serve.service.tls import CertificateFiles, TlsError
@@ -142,9 +144,13 @@ class App:
         )
         self._server = server  # stopped by stop() even if it never starts
         LstmServicer(self._plane, self._calls).register(server)
+        services = [SERVICE_NAME]
+        if s.oip:  # the Open Inference Protocol on the same port, through the same gate
+            OipServicer(self._plane, self._calls, ready=lambda: bool(self._ready)).register(server)
+            services.append(OIP_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
         try:

@@ -142,6 +142,11 @@ class Settings(BaseSettings):
     tenant_burst: int = Field(
         0, ge=0, description="Requests a tenant may send at once above --tenant-rate; 0 = one second's worth."
     )
+    oip: bool = Field(
+        True,
+        description="Also serve the Open Inference Protocol (KServe v2 gRPC, inference.GRPCInferenceService: "
+        "tritonclient and other OIP clients) on the gRPC port; docs/oip.md.",
+    )
     shutdown_grace: float = Field(5.0, ge=0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Log one JSON object per line.")

@@ -17,10 +17,10 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
@@ -230,6 +230,89 @@ class Calls:
 
         return behaviour
 
+    async def stream(
+        self,
+        method: str,
+        requests: AsyncIterator[bytes],
+        context: Context,
+        take: Callable[[bytes, StreamReplies[Resp]], None],
+        window: int,
+    ) -> AsyncIterator[Resp]:
+        """The grpc behaviour of a stream of independent requests, each answered in-band. `take(data, replies)`
+        starts a request's work and returns at once; the work answers with `replies.answer(reply)`, exactly once,
+        from a future's callback (no task per request) or from `replies.spawn`. Requests are taken as they arrive,
+        at most `window` unanswered, and answered as they finish; what must stay in order (one session's steps) is
+        ordered by the data plane. The stream is admitted like a call; each request pays its tenant's rate in
+        `take`.
+
+        A stream that stops being read (the server drains for shutdown, or the stream sat idle past the limit) first
+        answers every request it took, then ends with UNAVAILABLE: the client reconnects and resends what was not
+        answered.
+        """
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        peer = peer_host(context)
+        try:
+            self.enter(peer, request=False)
+        except LstmServeError as exc:
+            code = status_code(exc)
+            self.finished(method, code, start)
+            context.set_trailing_metadata(error_metadata(code, exc))
+            await context.abort(code, exc.message)
+        replies: StreamReplies[Resp] = StreamReplies()
+
+        async def read() -> None:
+            async for data in requests:
+                self.stream_received(reader)
+                if replies.unanswered >= window:
+                    replies.room.clear()
+                    await replies.room.wait()
+                replies.unanswered += 1
+                take(data, replies)
+
+        reader = asyncio.create_task(read())
+        self.watch_stream(reader)
+        reader.add_done_callback(lambda _: replies.ready.set())
+        try:
+            while True:
+                while replies.ready_to_send:
+                    replies.unanswered -= 1
+                    if replies.unanswered < window:
+                        replies.room.set()
+                    yield replies.ready_to_send.popleft()
+                if reader.done() and replies.unanswered == 0:
+                    break
+                replies.ready.clear()
+                if not replies.ready_to_send:
+                    await replies.ready.wait()
+            if reader.cancelled():  # drained or idle: everything taken is answered; now send the client elsewhere
+                raise ShuttingDown(
+                    "the server is shutting down; reconnect and resend unanswered requests"
+                    if self.draining
+                    else f"stream idle for {self.limits.stream_idle_timeout:g} s; reconnect when needed"
+                )
+            reader.result()  # re-raises a failure of the request side
+        except ShuttingDown as exc:
+            code = status_code(exc)
+            context.set_trailing_metadata(error_metadata(code, exc))
+            await context.abort(code, exc.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.RpcError:  # the client went away: nobody to answer
+            code = grpc.StatusCode.CANCELLED
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            self.failed(method, None, context)
+            context.set_trailing_metadata(error_metadata(code, None))
+            await context.abort(code, INTERNAL_MESSAGE)
+        finally:
+            reader.cancel()
+            for pending in list(replies.tasks):
+                pending.cancel()
+            self.leave(peer)
+            self.finished(method, code, start)
+
     def finished(self, method: str, code: grpc.StatusCode, start: float) -> float:
         elapsed = time.perf_counter() - start
         self.metrics.rpc_finished(method, code.name, elapsed)
@@ -257,3 +340,24 @@ class Calls:
             "request_id": request_id(context),
         }
         log.exception("%s failed", method, extra=fields)
+
+
+class StreamReplies(Generic[Resp]):
+    """One stream's replies: those ready to send, and how many requests are taken but not answered yet."""
+
+    def __init__(self) -> None:
+        self.ready_to_send: deque[Resp] = deque()
+        self.ready = asyncio.Event()  # a reply was queued, or the request side ended
+        self.room = asyncio.Event()  # the window has room again
+        self.unanswered = 0
+        self.tasks: set[asyncio.Task[None]] = set()  # requests answered by a task of their own
+
+    def answer(self, reply: Resp) -> None:
+        self.ready_to_send.append(reply)
+        self.ready.set()
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Runs `work` (which answers) as a task, cancelled if the stream ends first."""
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)

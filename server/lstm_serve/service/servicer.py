@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -21,8 +19,8 @@ from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_serve.dataplane import DataPlane, StepItem, StepOutcome
 from lstm_serve.errors import InvalidInput, LstmServeError, ShuttingDown
 from lstm_serve.service import codec
-from lstm_serve.service.calls import TENANT, Calls, Context, parse, peer_host, request_id
-from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
+from lstm_serve.service.calls import TENANT, Calls, Context, StreamReplies, parse, request_id
+from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, status_code
 
 log = logging.getLogger(__name__)
 
@@ -156,81 +154,14 @@ class LstmServicer:
         )
 
     async def StreamSteps(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[lstm_pb2.StepReply]:
-        """Requests are taken as they arrive and answered as they finish, so that the sessions sharing a stream (and
-        the other streams' sessions) batch together; one session's requests keep their order through the data
-        plane. No task per request: each becomes a future of the data plane whose callback queues its reply.
+        """Requests are taken as they arrive and answered as they finish (Calls.stream), so that the sessions sharing
+        a stream (and the other streams' sessions) batch together; one session's requests keep their order through
+        the data plane. No task per request: each becomes a future of the data plane whose callback answers."""
+        take = functools.partial(self._take, request_id(context), TENANT.get())
+        async for reply in self.calls.stream("StreamSteps", requests, context, take, STREAM_WINDOW):
+            yield reply
 
-        A stream that stops being read (the server drains for shutdown, or the stream sat idle past the limit) first
-        answers every request it took, then ends with UNAVAILABLE: the client reconnects and resends what was not
-        answered, with the same seq.
-        """
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        rid = request_id(context)
-        peer = peer_host(context)
-        tenant = TENANT.get()
-        try:
-            self.calls.enter(peer, request=False)  # each request of the stream is charged to its tenant's rate
-        except LstmServeError as exc:
-            code = status_code(exc)
-            self.calls.finished("StreamSteps", code, start)
-            context.set_trailing_metadata(error_metadata(code, exc))
-            await context.abort(code, exc.message)
-        stream = _Stream()
-
-        async def read() -> None:
-            async for data in requests:
-                self.calls.stream_received(reader)
-                if stream.unanswered >= STREAM_WINDOW:
-                    stream.room.clear()
-                    await stream.room.wait()
-                stream.unanswered += 1
-                self._take(data, rid, tenant, stream)
-
-        reader = asyncio.create_task(read())
-        self.calls.watch_stream(reader)
-        reader.add_done_callback(lambda _: stream.ready.set())
-        try:
-            while True:
-                while stream.replies:
-                    stream.unanswered -= 1
-                    if stream.unanswered < STREAM_WINDOW:
-                        stream.room.set()
-                    yield stream.replies.popleft()
-                if reader.done() and stream.unanswered == 0:
-                    break
-                stream.ready.clear()
-                if not stream.replies:
-                    await stream.ready.wait()
-            if reader.cancelled():  # drained or idle: everything taken is answered; now send the client elsewhere
-                raise ShuttingDown(
-                    "the server is shutting down; reconnect and resend unanswered steps"
-                    if self.calls.draining
-                    else f"stream idle for {self.calls.limits.stream_idle_timeout:g} s; reconnect when needed"
-                )
-            reader.result()  # re-raises a failure of the request side
-        except ShuttingDown as exc:
-            code = status_code(exc)
-            context.set_trailing_metadata(error_metadata(code, exc))
-            await context.abort(code, exc.message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.RpcError:  # the client went away: nobody to answer
-            code = grpc.StatusCode.CANCELLED
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            self.calls.failed("StreamSteps", None, context)
-            context.set_trailing_metadata(error_metadata(code, None))
-            await context.abort(code, INTERNAL_MESSAGE)
-        finally:
-            reader.cancel()
-            for pending in list(stream.tasks):
-                pending.cancel()
-            self.calls.leave(peer)
-            self.calls.finished("StreamSteps", code, start)
-
-    def _take(self, data: bytes, rid: str | None, tenant: str, stream: _Stream) -> None:
+    def _take(self, rid: str | None, tenant: str, data: bytes, stream: StreamReplies[lstm_pb2.StepReply]) -> None:
         """One request of a stream, answered in-band (its failure is its own, the stream goes on): parsed and
         checked here, then handed to the data plane, whose future's callback answers."""
         request: lstm_pb2.StepRequest | None = None
@@ -253,19 +184,25 @@ class LstmServicer:
 
     def _stepped(
         self,
-        stream: _Stream,
+        stream: StreamReplies[lstm_pb2.StepReply],
         reply: lstm_pb2.StepReply,
         request: lstm_pb2.StepRequest,
         rid: str | None,
         future: asyncio.Future[StepOutcome],
     ) -> None:
+        """The callback of a stream request's step: answers it, whatever happened (the stream waits for it)."""
+        failure: Exception | None
         if future.cancelled():
-            self._answer(stream, reply, ShuttingDown("the server is shutting down; retry"), request, rid)
+            failure = ShuttingDown("the server is shutting down; retry")
         elif (exc := future.exception()) is not None:
-            self._answer(stream, reply, exc if isinstance(exc, Exception) else RuntimeError(exc), request, rid)
+            failure = exc if isinstance(exc, Exception) else RuntimeError(exc)
         else:
-            reply.outputs.CopyFrom(codec.to_tensor(future.result().outputs))
-            self._answer(stream, reply, None, request, rid)
+            try:
+                reply.outputs.CopyFrom(codec.to_tensor(future.result().outputs))
+                failure = None
+            except Exception as exc:  # a bug: answered INTERNAL rather than left hanging
+                failure = exc
+        self._answer(stream, reply, failure, request, rid)
 
     async def _answer_many(
         self,
@@ -273,7 +210,7 @@ class LstmServicer:
         reply: lstm_pb2.StepReply,
         rid: str | None,
         tenant: str,
-        stream: _Stream,
+        stream: StreamReplies[lstm_pb2.StepReply],
     ) -> None:
         try:
             reply.replies.extend(await self._step_many(steps, "StreamSteps.many", rid, tenant))
@@ -284,7 +221,7 @@ class LstmServicer:
 
     def _answer(
         self,
-        stream: _Stream,
+        stream: StreamReplies[lstm_pb2.StepReply],
         reply: lstm_pb2.StepReply,
         exc: Exception | None,
         request: lstm_pb2.StepRequest | None,
@@ -295,24 +232,7 @@ class LstmServicer:
             code = status_code(exc) if isinstance(exc, LstmServeError) else grpc.StatusCode.INTERNAL
             self._answer_error(reply, exc, "StreamSteps.request", request, rid)
         self.metrics.stream_request(code.name)
-        stream.replies.append(reply)
-        stream.ready.set()
-
-
-class _Stream:
-    """One StreamSteps call's state: the replies ready to send, and how many requests are taken but unanswered."""
-
-    def __init__(self) -> None:
-        self.replies: deque[lstm_pb2.StepReply] = deque()
-        self.ready = asyncio.Event()  # a reply was queued, or the request side ended
-        self.room = asyncio.Event()  # the window has room again
-        self.unanswered = 0
-        self.tasks: set[asyncio.Task[None]] = set()  # many-session requests being answered
-
-    def spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        stream.answer(reply)
 
 
 def _serialize(message: Any) -> bytes:

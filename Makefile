@@ -6,11 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_OUT := client/lstm_client/_proto
 
-.PHONY: help venv run test lint proto proto-check bench clean fuzz-long
+.PHONY: help venv run test docker-test lint proto proto-check bench clean fuzz-long
 
 help:
 	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464); sessions kept across restarts"
 	@echo "make test    run the whole test suite"
+	@echo "make docker-test  build the image and bring up docker-compose.yml for real (part of make test; needs root or an engine)"
 	@echo "make lint    ruff + mypy + generated-code check"
 	@echo "make proto   regenerate the protobuf/gRPC code from proto/"
 	@echo "make bench   measure lstm-serve against a bare gRPC echo on loopback (takes minutes)"
@@ -34,6 +35,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# The image and the compose topology built and run with a real Docker engine (tests/deploy; also run by `make test`).
+# As root without a running engine it starts Debian's dockerd itself (host networking, state of its own) and makes
+# the python base image from Debian packages when no registry is reachable; both are cached in .cache/docker.
+docker-test: $(STAMP)
+	$(BIN)/python -m pytest tests/deploy
 
 lint: $(STAMP) proto-check
 	$(BIN)/ruff check client server tests models bench deploy

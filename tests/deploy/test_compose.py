@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.timeout(1800)  # the first test also builds the images (minutes on a cold machine)
 REAL_IMAGES = {"redis": "redis:7.2-bookworm", "nginx": "nginx:1.26-bookworm", "prometheus": "prom/prometheus:v2.53.0"}
 GRAFANA_IMAGE = "grafana/grafana:11.1.0"
-SESSIONS = 8
+SESSIONS = 24  # nginx hashes session ids over 2 replicas: all on one has a chance of 2 * 2**-24
 STEPS = 6
 
 
@@ -96,6 +96,7 @@ def _write_configs(directory: Path, ports: dict[str, int]) -> None:
     prometheus = (REPO / "deploy/prometheus/prometheus.yml").read_text()
     prometheus = _rewrite(prometheus, "lstm-serve-1:9464", f"127.0.0.1:{ports['lstm-serve-1-metrics']}")
     prometheus = _rewrite(prometheus, "lstm-serve-2:9464", f"127.0.0.1:{ports['lstm-serve-2-metrics']}")
+    (directory / "empty.conf").write_text("# the official nginx image's default server (port 80) left out\n")
     (directory / "prometheus.yml").write_text(_rewrite(prometheus, "5s", "1s"))  # scrape and evaluate faster
     datasources = directory / "grafana-datasources"
     datasources.mkdir()

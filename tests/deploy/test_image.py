@@ -173,7 +173,7 @@ def _log_lines(docker: Engine, name: str) -> list[str]:
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("{")]
 
 
-def test_compose_and_image_tests_share_one_dockerfile() -> None:
+def test_the_dockerfile_keeps_the_official_python_image_as_its_default_base() -> None:
     """The Dockerfile keeps its PYTHON_IMAGE argument with the official image as the default: the tests build on a
     Debian-made base only by passing the argument."""
     text = (Path(REPO) / "Dockerfile").read_text()

@@ -13,11 +13,12 @@ OIP_OUT   := server/lstm_serve/_proto
 TRITON_VENV  := .venv-tritonclient
 TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: help venv tritonclient-venv run test lint proto proto-check client-compat bench clean fuzz-long
+.PHONY: help venv tritonclient-venv run test docker-test lint proto proto-check client-compat bench clean fuzz-long
 
 help:
 	@echo "make run     serve the bundled models on 127.0.0.1:50051 (metrics on :9464); sessions kept across restarts"
 	@echo "make test    run the whole test suite"
+	@echo "make docker-test  build the image and bring up docker-compose.yml for real (part of make test; needs root or an engine)"
 	@echo "make lint    ruff + mypy + generated-code check + buf lint/format/breaking of proto/"
 	@echo "make client-compat  lstm-client's tests in fresh venvs with the oldest and newest protobuf/grpcio/numpy"
 	@echo "make proto   regenerate the protobuf/gRPC code from proto/"
@@ -49,6 +50,12 @@ run: $(STAMP)
 
 test: $(STAMP) $(TRITON_STAMP)
 	$(BIN)/python -m pytest tests
+
+# The image and the compose topology built and run with a real Docker engine (tests/deploy; also run by `make test`).
+# As root without a running engine it starts Debian's dockerd itself (host networking, state of its own) and makes
+# the python base image from Debian packages when no registry is reachable; both are cached in .cache/docker.
+docker-test: $(STAMP)
+	$(BIN)/python -m pytest tests/deploy
 
 lint: $(STAMP) proto-check
 	$(BIN)/buf lint

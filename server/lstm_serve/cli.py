@@ -150,6 +150,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_target() -> str:
+    """The address `serve` listens on per LSTM_SERVE_HOST and LSTM_SERVE_PORT (the defaults without them), a wildcard
+    host asked on loopback: the default of `health --target`, so that an image's fixed HEALTHCHECK command follows a
+    port configured through the environment instead of probing a fixed one (on a host network, someone else's)."""
+    host = os.environ.get("LSTM_SERVE_HOST") or str(_default("host"))
+    port = os.environ.get("LSTM_SERVE_PORT") or str(_default("port"))
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -228,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace OUT if it exists")
     convert.set_defaults(func=_convert)
     health = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 when SERVING")
-    health.add_argument("--target", default="127.0.0.1:50051")
+    health.add_argument(
+        "--target", default=local_target(), help="HOST:PORT [default: LSTM_SERVE_HOST (wildcard: loopback) and _PORT]"
+    )
     health.add_argument("--service", default="", help="service name; empty = the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
     # TLS options default from the environment, so that an image's fixed HEALTHCHECK command works once TLS is on

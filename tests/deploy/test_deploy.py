@@ -71,17 +71,17 @@ def _published(config: str) -> list[str]:
 
 def test_compose_file_is_valid() -> None:
     config = _compose_config()
-    for service in ("lstm-serve:", "prometheus:", "grafana:"):
+    for service in ("redis:", "lstm-serve-1:", "lstm-serve-2:", "nginx:", "prometheus:", "grafana:"):
         assert service in config
+    assert config.count("LSTM_SERVE_STORE: redis://redis:6379/0") == 2  # both replicas share the one Redis
 
 
 def test_compose_publishes_every_port_on_loopback_only_unless_told_otherwise() -> None:
     published = _published(_compose_config())
-    assert len(published) == 4, published
-    assert all(entry.startswith("127.0.0.1:") for entry in published), published
+    assert sorted(published) == ["127.0.0.1:3000:3000/tcp", "127.0.0.1:50051:50051/tcp", "127.0.0.1:9090:9090/tcp"]
     opened = _published(_compose_config(LSTM_SERVE_PUBLISH="0.0.0.0"))  # the documented override
     assert "0.0.0.0:50051:50051/tcp" in opened
-    assert sum(entry.startswith("127.0.0.1:") for entry in opened) == 3  # metrics, Prometheus, Grafana stay local
+    assert sum(entry.startswith("127.0.0.1:") for entry in opened) == 2  # Prometheus and Grafana stay local
 
 
 def test_promtool_accepts_config_and_rules() -> None:
@@ -122,7 +122,9 @@ def prometheus(server: RunningServer, tmp_path: Path) -> Iterator[str]:
     """A real Prometheus with the deployment's config, pointed at the test server and sped up for a test."""
     binary = require("prometheus")
     config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
-    config = config.replace("lstm-serve:9464", f"127.0.0.1:{server.app.metrics_port}")
+    replicas = '["lstm-serve-1:9464", "lstm-serve-2:9464"]'
+    assert replicas in config
+    config = config.replace(replicas, f'["127.0.0.1:{server.app.metrics_port}"]')
     config = re.sub(r"(scrape|evaluation)_interval: \S+", r"\1_interval: 1s", config)
     config = config.replace("- alerts.yml", f"- {DEPLOY / 'prometheus' / 'alerts.yml'}")
     (tmp_path / "prometheus.yml").write_text(config)

@@ -52,6 +52,11 @@ def test_serve_health_and_graceful_sigterm(tmp_path: Path) -> None:
         )
         assert health.returncode == 0, health.stderr
         assert "SERVING" in health.stdout
+        # Without --target: the address serve reads from the environment (what the image's HEALTHCHECK relies on)
+        probe_env = os.environ | {"LSTM_SERVE_HOST": "0.0.0.0", "LSTM_SERVE_PORT": str(port)}
+        health = subprocess.run([*LSTM_SERVE, "health"], capture_output=True, text=True, timeout=30, env=probe_env)
+        assert health.returncode == 0, health.stderr
+        assert health.stdout.strip() == f"127.0.0.1:{port}: SERVING"
         with Client(f"127.0.0.1:{port}") as client, client.create_session("elnino") as session:
             y = session.step([26.0])
             assert y.shape == (1,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lstm_serve.cli import build_parser, settings_from_args
+from lstm_serve.cli import build_parser, local_target, settings_from_args
 
 
 def _settings(*argv: str):  # type: ignore[no-untyped-def]
@@ -35,3 +35,25 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         _settings("--max-sessions", "0")
     monkeypatch.setenv("LSTM_SERVE_NO_SUCH_THING", "1")  # unknown env vars with our prefix are ignored, not fatal
     assert _settings().port == 50051
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "target"),
+    [
+        (None, None, "127.0.0.1:50051"),
+        ("0.0.0.0", "6000", "127.0.0.1:6000"),
+        ("::", "6000", "[::1]:6000"),
+        ("10.1.2.3", None, "10.1.2.3:50051"),
+        ("fd00::5", "7", "[fd00::5]:7"),
+    ],
+)
+def test_health_probes_the_address_serve_is_configured_with(
+    monkeypatch: pytest.MonkeyPatch, host: str | None, port: str | None, target: str
+) -> None:
+    for name, value in (("LSTM_SERVE_HOST", host), ("LSTM_SERVE_PORT", port)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert local_target() == target
+    assert build_parser().parse_args(["health"]).target == target

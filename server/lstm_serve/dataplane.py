@@ -6,7 +6,10 @@ layer. Raises only the domain errors of lstm_serve.errors.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -29,6 +32,7 @@ from lstm_serve.errors import (
     StoreUnavailable,
 )
 from lstm_serve.keyed_lock import KeyedLock
+from lstm_serve.lifecycle import Catalog, Overrides, Served, Versioning, VersionState, VersionView, plan
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import (
     CommitResult,
@@ -44,7 +48,19 @@ from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a trans
 from lstm_serve.sessions.store import LoadResult
 
 # The types of this API, for the transports (which import nothing past this module).
-__all__ = ["F32", "TENANT_NAME", "DataPlane", "Limits", "ModelInfo", "Session", "StepOutcome"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "F32",
+    "TENANT_NAME",
+    "DataPlane",
+    "Limits",
+    "ModelInfo",
+    "Session",
+    "StepOutcome",
+    "VersionState",
+    "VersionView",
+]
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
 MAX_COMMIT_ATTEMPTS = 4  # a step recomputed after losing its compare-and-set this often is answered UNAVAILABLE
@@ -75,28 +91,24 @@ class DataPlane:
         metrics: Metrics,
         limits: Limits = Limits(),
         executor: Executor | None = None,
+        versioning: Versioning | None = None,
     ) -> None:
-        self.repository = repository
         self.store = store
         self.metrics = metrics
         self.limits = limits
+        self.versioning = versioning = versioning or Versioning()
+        self._executor = executor
         self._locks = KeyedLock()
-        # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
-        # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
-        small = {name: m.info.parameters <= limits.inline_max_parameters for name, m in repository.models.items()}
-        self._batchers = {
-            name: Batcher(
-                model,
-                max_batch=limits.max_batch,
-                max_wait=limits.max_batch_wait,
-                executor=executor,
-                inline_max_steps=limits.inline_max_steps if small[name] else 0,
-                on_batch=metrics.batch_size.labels(model=name).observe,
-            )
-            for name, model in repository.models.items()
-        }
-        # one shared, immutable zero state per model: a new or reset session costs no state memory of its own
-        self._zero_states = {name: m.zero_state().tobytes() for name, m in repository.models.items()}
+        # Every served version of every model, its batcher and its zero state (one shared, immutable zero state per
+        # version: a new or reset session costs no state memory of its own). Reloads change it (lifecycle.py).
+        self.catalog = Catalog(self._batcher_for, versioning.drain_timeout)
+        for versions in repository.versions.values():
+            for model in versions.values():
+                self.catalog.add(model)
+        self.catalog.failures = dict(repository.failures)
+        self._batchers = self.catalog.batchers  # the step path's lookup, by ModelInfo.key
+        self.overrides = Overrides()
+        self._reloading = asyncio.Lock()
         # One store call per loop turn for the commits (and cache misses) of a whole batch: one Redis round trip, not
         # one per session. A store in this process answers at once, so it is called directly.
         self._commit: Callable[[StepWrite], Awaitable[CommitResult]]
@@ -111,14 +123,29 @@ class DataPlane:
         else:
             self._coalescers = ()
             self._commit, self._read = self._commit_direct, self._read_direct
-        metrics.models_loaded.set(len(repository.models))
-        metrics.model_load_failures.set(len(repository.failures))
-        for name in repository.models:  # every model's series exists from the start, at zero
-            metrics.child(metrics.steps, name)
+        self._count_models()
+
+    def _batcher_for(self, model: Model) -> Batcher:
+        # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
+        # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
+        small = model.info.parameters <= self.limits.inline_max_parameters
+        return Batcher(
+            model,
+            max_batch=self.limits.max_batch,
+            max_wait=self.limits.max_batch_wait,
+            executor=self._executor,
+            inline_max_steps=self.limits.inline_max_steps if small else 0,
+            on_batch=self.metrics.batch_size.labels(model=model.info.name).observe,
+        )
+
+    def _count_models(self) -> None:
+        self.metrics.models_loaded.set(len(self.catalog.versions))
+        self.metrics.model_load_failures.set(len(self.catalog.failures))
+        for name in self.catalog.versions:  # every model's series exists from the start, at zero
+            self.metrics.child(self.metrics.steps, name)
 
     async def close(self) -> None:
-        for batcher in self._batchers.values():
-            await batcher.close()
+        await self.catalog.close()
         for coalescer in self._coalescers:
             await coalescer.drain()
 
@@ -133,22 +160,103 @@ class DataPlane:
     # --- models -------------------------------------------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
-        return [m.info for m in self.repository.models.values()]
+        """Every version served (ready or draining), by name then version."""
+        return [s.model.info for s in self.catalog.all()]
+
+    def model_versions(self) -> list[VersionView]:
+        """Every version served, with its state and whether it is the one new sessions get."""
+        views = []
+        for name in sorted(self.catalog.versions):
+            latest = self.catalog.latest(name)
+            views += [VersionView(s.model.info, s.state, s is latest) for s in self.catalog.versions[name].values()]
+        return views
 
     def model_failures(self) -> dict[str, str]:
-        """Models of the repository that failed to load, with the short reason a client may read (no paths)."""
-        return dict(self.repository.failures)
+        """Models (or versions: "name/version") of the repository that failed to load, with the short reason a
+        client may read (no paths)."""
+        return dict(self.catalog.failures)
 
-    def model(self, name: str) -> Model:
-        model = self.repository.models.get(name)
-        if model is None:
-            failure = self.repository.failures.get(name)
-            if failure is not None:
-                raise ModelNotFound(f"model {name!r} failed to load: {failure}")
-            known = ", ".join(sorted(self.repository.models)) or "none"
-            shown = name if len(name) <= 128 else f"{name[:64]}… ({len(name)} characters)"
-            raise ModelNotFound(f"unknown model {shown!r}; served models: {known}")
-        return model
+    def model(self, name: str, version: int | None = None) -> Model:
+        """The latest ready version of `name` (what new sessions get), or the given version while it is served
+        (ready, or draining for the sessions pinned to it)."""
+        return self._served(name, version).model
+
+    def _served(self, name: str, version: int | None = None) -> Served:
+        served = self.catalog.latest(name) if version is None else self.catalog.get(name, version)
+        if served is not None:
+            return served
+        shown = name if len(name) <= 128 else f"{name[:64]}… ({len(name)} characters)"
+        versions = self.catalog.versions.get(name)
+        if versions:
+            offered = [v for v, s in versions.items() if s.state is VersionState.READY]
+            raise ModelNotFound(f"model {shown!r} has no version {version} served; ready versions: {offered}")
+        failure = self.catalog.failures.get(name)
+        if failure is not None:
+            raise ModelNotFound(f"model {name!r} failed to load: {failure}")
+        known = ", ".join(sorted(self.catalog.versions)) or "none"
+        raise ModelNotFound(f"unknown model {shown!r}; served models: {known}")
+
+    async def reload_models(self) -> list[str]:
+        """Reads the repository again and swaps in what changed (see lifecycle.py); returns the changes in words.
+        Reloads run one at a time; the loading is in a thread, the swap on the loop at once."""
+        root = self.versioning.root
+        if root is None:
+            raise InvalidInput("this server has no model repository to reload from")
+        async with self._reloading:
+            current = {name: dict(versions) for name, versions in self.catalog.versions.items()}
+            args = (root, self.versioning.only, self.versioning.policy, current, self.overrides)
+            new = await asyncio.get_running_loop().run_in_executor(None, plan, *args)
+            changes = self.catalog.apply(new)
+            self._count_models()
+            for change in changes:
+                log.info("models: %s", change)
+            await self.retire_due()
+            return changes
+
+    async def load_model(self, name: str, version: int = 0) -> list[str]:
+        """An operator's load: a model unloaded before serves again (by its policy), or `version` is served beside
+        the policy's versions."""
+        self.overrides.unloaded.discard(name)
+        if version:
+            self.overrides.unloaded_versions.discard((name, version))
+            self.overrides.loaded_versions.add((name, version))
+        changes = await self.reload_models()
+        if name not in self.catalog.versions or (version and self.catalog.get(name, version) is None):
+            what = f"model {name!r}" + (f" version {version}" if version else "")
+            reasons = {k: v for k, v in self.catalog.failures.items() if k == name or k.startswith(f"{name}/")}
+            raise ModelNotFound(f"{what} could not be loaded: {reasons or 'not in the repository'}")
+        return changes
+
+    async def unload_model(self, name: str, version: int = 0) -> list[str]:
+        """An operator's unload: the model (or one version) is retired, its sessions drain (see lifecycle.py)."""
+        if name not in self.catalog.versions or (version and self.catalog.get(name, version) is None):
+            self._served(name, version or None)  # NOT_FOUND with the reason
+        if version:
+            self.overrides.loaded_versions.discard((name, version))
+            self.overrides.unloaded_versions.add((name, version))
+        else:
+            self.overrides.unloaded.add(name)
+        return await self.reload_models()
+
+    async def retire_due(self) -> int:
+        """Drops the retired versions nobody needs any more: no session pinned to them (where the store can tell),
+        or past their drain deadline, whose remaining sessions then end with the reason `model_retired`."""
+        dropped = 0
+        now = time.monotonic()
+        for served in [s for s in self.catalog.all() if s.state is VersionState.UNLOADING]:
+            name, version = served.model.info.key
+            pinned = await self.store.pinned(name, version)
+            if (pinned is None or pinned > 0) and now < served.deadline:
+                continue
+            detail = f"(model {name!r} version {version} was retired)"
+            ended = await self.store.end_version(name, version, EndReason.MODEL_RETIRED, detail)
+            if self.catalog.get(name, version) is served:  # not reloaded meanwhile
+                self.catalog.drop(name, version)
+                dropped += 1
+                log.info("models: %s version %d dropped (%d pinned session(s) ended)", name, version, ended)
+        if dropped:
+            self._count_models()
+        return dropped
 
     # --- sessions -----------------------------------------------------------------------------------------------
     #
@@ -158,18 +266,28 @@ class DataPlane:
     # exactly as an id that never existed. The sessions returned, and every message, name the client's own id.
 
     async def create_session(
-        self, model_name: str, session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+        self,
+        model_name: str,
+        session_id: str | None,
+        idle_ttl: float | None,
+        *,
+        tenant: str = "",
+        version: int | None = None,
     ) -> Session:
+        """A new session, pinned to `version` (None: the latest ready version) for its whole life."""
         if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
             raise InvalidInput(f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}")
-        self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
+        served = self._served(model_name, version)  # NOT_FOUND, with the reason, for an unknown or broken model
+        if served.state is not VersionState.READY:
+            raise ModelNotFound(f"model {model_name!r} version {version} is retired: it takes no new sessions")
         client_id = session_id or new_session_id()
         session = await self.store.create(
             model_name,
-            self._zero_states[model_name],
+            served.zero_state,
             session_key(tenant, client_id),
             idle_ttl,
             tenant_limit=self.limits.max_sessions_per_tenant,
+            version=served.model.info.version,
         )
         self.metrics.sessions_created.labels(model=model_name).inc()
         return _as_seen_by_client(session, client_id)
@@ -183,8 +301,9 @@ class DataPlane:
         await self._locks.acquire(key)  # never between the compute and the commit of a step
         try:
             session = await self._load(key, session_id, fresh=True)
-            self.model(session.model)  # NOT_FOUND, with the reason, for a model this server does not serve
-            return _as_seen_by_client(await self.store.reset(key, self._zero_states[session.model]), session_id)
+            # NOT_FOUND, with the reason, for a model this server does not serve
+            zero_state = self._served(session.model, session.version).zero_state
+            return _as_seen_by_client(await self.store.reset(key, zero_state), session_id)
         finally:
             self._locks.release(key)
 
@@ -199,8 +318,9 @@ class DataPlane:
     async def sweep(self) -> int:
         """Ends idle-expired sessions and refreshes the live-session gauge from the store (store-wide with Redis)."""
         ended = await self.store.sweep()
+        await self.retire_due()
         counts = await self.store.counts()
-        for name in self.repository.models:
+        for name in self.catalog.versions:
             self.metrics.sessions_active.labels(model=name).set(counts.get(name, 0))
         self.metrics.session_store_bytes.set(await self.store.size_bytes())
         return ended
@@ -218,9 +338,18 @@ class DataPlane:
         return await self._fitting(found, key, session_id)
 
     async def _fitting(self, found: Session, key: str, session_id: str) -> Session:
-        """`found`, unless its record no longer fits its model's state shape: then the session ends with that reason
-        (only this very session: a session re-created meanwhile under the key, of another model, is left alone)."""
-        model = self.repository.models.get(found.model)
+        """`found`, unless its record no longer fits its model's state shape (then the session ends with that
+        reason), or the version it is pinned to was retired and dropped here (then it ends as `model_retired`).
+        Only this very session: a session re-created meanwhile under the key, of another model, is left alone."""
+        served = self.catalog.get(found.model, found.version)
+        if served is None and found.model in self.catalog.versions:
+            detail = f"(model {found.model!r} version {found.version} was retired)"
+            if (found.model, found.version) in self.catalog.retired or found.version < max(
+                self.catalog.versions[found.model]
+            ):
+                await self.store.end(key, EndReason.MODEL_RETIRED, detail, model=found.model)
+                raise SessionNotFound(f"session {session_id!r} ended: {detail}", EndReason.MODEL_RETIRED.value)
+        model = served.model if served is not None else None
         if model is not None and not found.fits(model.info.state_shape, model.info.output_size):
             detail = f"(model {found.model!r} changed its state shape to {list(model.info.state_shape)})"
             await self.store.end(key, EndReason.MODEL_CHANGED, detail, model=found.model)
@@ -246,7 +375,8 @@ class DataPlane:
             fresh = self.store.authoritative
             checked: ModelInfo | None = None
             for _ in range(MAX_COMMIT_ATTEMPTS):
-                info = self.model(session.model).info  # again after every re-read: the id may now name another model
+                # again after every re-read: the id may now name another model (or version)
+                info = self.model(session.model, session.version).info
                 if info is not checked:
                     xs, single = self._check_inputs(x, info)
                     digest = input_digest(xs)
@@ -257,7 +387,7 @@ class DataPlane:
                         continue
                     outputs = self._replay(session, session_id, seq, digest, info)
                     return StepOutcome(session_id, seq, outputs[0] if single else outputs)
-                ys, new_state = await self._batchers[info.name].submit(xs, session.state_array(info.state_shape))
+                ys, new_state = await self._batchers[info.key].submit(xs, session.state_array(info.state_shape))
                 _check_finite(ys, new_state)
                 outputs = ys[0] if single else ys
                 after = session.stepped(seq, new_state, outputs, digest, self.store.now())
@@ -312,7 +442,7 @@ class DataPlane:
             if not np.all(np.isfinite(given)):
                 raise InvalidInput(f"{name} contains NaN or Inf")
             state[i] = given
-        ys, final = await self._batchers[info.name].submit(xs, state)
+        ys, final = await self._batchers[info.key].submit(xs, state)
         _check_finite(ys, final)
         return ys, final[0], final[1]
 

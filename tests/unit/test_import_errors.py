@@ -167,7 +167,7 @@ def test_broken_onnx_model_does_not_stop_the_others(tmp_path: Path) -> None:
     repo = Repository.scan(tmp_path)
     assert list(repo.models) == ["good"]
     assert "not a readable ONNX model" in repo.failures["bad"]
-    assert "input_features has 1 names for 3 values" in repo.failures["names"]
+    assert "1 input feature names for input_size 3" in repo.failures["names"]
 
 
 def test_npz_models_keep_their_metadata_in_the_npz(tmp_path: Path) -> None:

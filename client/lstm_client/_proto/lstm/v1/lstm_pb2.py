@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lstm/v1/lstm.proto\x12\x07lstm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpected_seq\x18\x04 \x01(\x04\"\x13\n\x11ListModelsRequest\"e\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure\"/\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xe7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x16\n\x0einput_features\x18\t \x03(\t\x12\x17\n\x0foutput_features\x18\n \x03(\t\x12\x12\n\nnormalized\x18\x0b \x01(\x08\"f\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd5\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"O\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"Q\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"m\n\tStepReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1d\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.lstm.v1.Error\"z\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02h0\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"k\n\x0fPredictResponse\x12 \n\x07outputs\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor2\xd5\x04\n\x0bLstmService\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfo\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12>\n\nGetSession\x12\x1a.lstm.v1.GetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\x0cResetSession\x12\x1c.lstm.v1.ResetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12K\n\x0c\x43loseSession\x12\x1c.lstm.v1.CloseSessionRequest\x1a\x1d.lstm.v1.CloseSessionResponse\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12;\n\x0bStreamSteps\x12\x14.lstm.v1.StepRequest\x1a\x12.lstm.v1.StepReply(\x01\x30\x01\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lstm/v1/lstm.proto\x12\x07lstm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpected_seq\x18\x04 \x01(\x04\"\x13\n\x11ListModelsRequest\"e\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure\"@\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07version\x18( \x01(\r\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18( \x01(\r\"\x86\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x16\n\x0einput_features\x18\t \x03(\t\x12\x17\n\x0foutput_features\x18\n \x03(\t\x12\x12\n\nnormalized\x18\x0b \x01(\x08\x12\r\n\x05state\x18( \x01(\t\x12\x0e\n\x06latest\x18) \x01(\x08\"}\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmodel_version\x18( \x01(\r\"\xec\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmodel_version\x18( \x01(\r\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"O\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"Q\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"m\n\tStepReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1d\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.lstm.v1.Error\"z\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02h0\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"k\n\x0fPredictResponse\x12 \n\x07outputs\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"\x15\n\x13ReloadModelsRequest\"1\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"v\n\x12ModelAdminResponse\x12\x0f\n\x07\x63hanges\x18\x01 \x03(\t\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure2\xd5\x04\n\x0bLstmService\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfo\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12>\n\nGetSession\x12\x1a.lstm.v1.GetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\x0cResetSession\x12\x1c.lstm.v1.ResetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12K\n\x0c\x43loseSession\x12\x1c.lstm.v1.CloseSessionRequest\x1a\x1d.lstm.v1.CloseSessionResponse\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12;\n\x0bStreamSteps\x12\x14.lstm.v1.StepRequest\x1a\x12.lstm.v1.StepReply(\x01\x30\x01\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponse2\xe5\x01\n\nModelAdmin\x12I\n\x0cReloadModels\x12\x1c.lstm.v1.ReloadModelsRequest\x1a\x1b.lstm.v1.ModelAdminResponse\x12\x43\n\tLoadModel\x12\x19.lstm.v1.LoadModelRequest\x1a\x1b.lstm.v1.ModelAdminResponse\x12G\n\x0bUnloadModel\x12\x1b.lstm.v1.UnloadModelRequest\x1a\x1b.lstm.v1.ModelAdminResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,33 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=234
   _globals['_LISTMODELSRESPONSE']._serialized_end=335
   _globals['_MODELLOADFAILURE']._serialized_start=337
-  _globals['_MODELLOADFAILURE']._serialized_end=384
-  _globals['_GETMODELREQUEST']._serialized_start=386
-  _globals['_GETMODELREQUEST']._serialized_end=417
-  _globals['_MODELINFO']._serialized_start=420
-  _globals['_MODELINFO']._serialized_end=651
-  _globals['_CREATESESSIONREQUEST']._serialized_start=653
-  _globals['_CREATESESSIONREQUEST']._serialized_end=755
-  _globals['_SESSIONINFO']._serialized_start=758
-  _globals['_SESSIONINFO']._serialized_end=971
-  _globals['_GETSESSIONREQUEST']._serialized_start=973
-  _globals['_GETSESSIONREQUEST']._serialized_end=1012
-  _globals['_RESETSESSIONREQUEST']._serialized_start=1014
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1055
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1057
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1098
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1100
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1161
-  _globals['_STEPREQUEST']._serialized_start=1163
-  _globals['_STEPREQUEST']._serialized_end=1242
-  _globals['_STEPRESPONSE']._serialized_start=1244
-  _globals['_STEPRESPONSE']._serialized_end=1325
-  _globals['_STEPREPLY']._serialized_start=1327
-  _globals['_STEPREPLY']._serialized_end=1436
-  _globals['_PREDICTREQUEST']._serialized_start=1438
-  _globals['_PREDICTREQUEST']._serialized_end=1560
-  _globals['_PREDICTRESPONSE']._serialized_start=1562
-  _globals['_PREDICTRESPONSE']._serialized_end=1669
-  _globals['_LSTMSERVICE']._serialized_start=1672
-  _globals['_LSTMSERVICE']._serialized_end=2269
+  _globals['_MODELLOADFAILURE']._serialized_end=401
+  _globals['_GETMODELREQUEST']._serialized_start=403
+  _globals['_GETMODELREQUEST']._serialized_end=451
+  _globals['_MODELINFO']._serialized_start=454
+  _globals['_MODELINFO']._serialized_end=716
+  _globals['_CREATESESSIONREQUEST']._serialized_start=718
+  _globals['_CREATESESSIONREQUEST']._serialized_end=843
+  _globals['_SESSIONINFO']._serialized_start=846
+  _globals['_SESSIONINFO']._serialized_end=1082
+  _globals['_GETSESSIONREQUEST']._serialized_start=1084
+  _globals['_GETSESSIONREQUEST']._serialized_end=1123
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1125
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1166
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1168
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1209
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1211
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1272
+  _globals['_STEPREQUEST']._serialized_start=1274
+  _globals['_STEPREQUEST']._serialized_end=1353
+  _globals['_STEPRESPONSE']._serialized_start=1355
+  _globals['_STEPRESPONSE']._serialized_end=1436
+  _globals['_STEPREPLY']._serialized_start=1438
+  _globals['_STEPREPLY']._serialized_end=1547
+  _globals['_PREDICTREQUEST']._serialized_start=1549
+  _globals['_PREDICTREQUEST']._serialized_end=1671
+  _globals['_PREDICTRESPONSE']._serialized_start=1673
+  _globals['_PREDICTRESPONSE']._serialized_end=1780
+  _globals['_RELOADMODELSREQUEST']._serialized_start=1782
+  _globals['_RELOADMODELSREQUEST']._serialized_end=1803
+  _globals['_LOADMODELREQUEST']._serialized_start=1805
+  _globals['_LOADMODELREQUEST']._serialized_end=1854
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1856
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1907
+  _globals['_MODELADMINRESPONSE']._serialized_start=1909
+  _globals['_MODELADMINRESPONSE']._serialized_end=2027
+  _globals['_LSTMSERVICE']._serialized_start=2030
+  _globals['_LSTMSERVICE']._serialized_end=2627
+  _globals['_MODELADMIN']._serialized_start=2630
+  _globals['_MODELADMIN']._serialized_end=2859
 # @@protoc_insertion_point(module_scope)

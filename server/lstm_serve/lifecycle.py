@@ -134,7 +134,7 @@ class Versioning:
 
     root: Path | None = None
     only: tuple[str, ...] = ()
-    policy: repo.VersionPolicy = repo.VersionPolicy()
+    policy: repo.VersionPolicy = field(default_factory=repo.VersionPolicy)
     drain_timeout: float = 3600.0
 
 

@@ -162,7 +162,7 @@ def test_broken_onnx_model_does_not_stop_the_others(tmp_path: Path) -> None:
     (bad / "model.toml").write_text('backend = "onnx"\nweights = "model.onnx"\n')
     names = tmp_path / "names"
     names.mkdir()
-    shutil.copyfile(good / "model.onnx", names / "model.onnx")  # a model serves only files in its directory
+    shutil.copyfile(good / "1" / "model.onnx", names / "model.onnx")  # a model serves only files in its directory
     (names / "model.toml").write_text('backend = "onnx"\nweights = "model.onnx"\ninput_features = ["only_one"]\n')
     repo = Repository.scan(tmp_path)
     assert list(repo.models) == ["good"]

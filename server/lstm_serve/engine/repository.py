@@ -140,10 +140,12 @@ class ModelConfig:
         def error(problem: str) -> ModelLoadError:
             return _refusal(path, problem)
 
-        allowed = _VERSION_KEYS | _TABLES | (_MODEL_KEYS if version is None else set())
+        allowed = _VERSION_KEYS | _TABLES | (_MODEL_KEYS if version is None else {"name"})
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise error(f"unknown keys {unknown}; allowed: {sorted(allowed)}")
+        if version is not None and name is not None and str(raw.get("name", name)) != name:
+            raise error(f"'name' is {raw['name']!r}, but the version belongs to model {name!r} (its directory)")
         if "weights" not in raw:
             raise error("missing key 'weights' (the artifact file, relative to the directory)")
         if not isinstance(raw["weights"], str) or not raw["weights"]:
@@ -432,6 +434,24 @@ def select_versions(
     return loaded, failures
 
 
+def next_version(directory: Path) -> int:
+    """The number `lstm-serve convert` gives a new version of the model in `directory`: one past the highest."""
+    if not _is_dir(directory):
+        return 1
+    source = _read_source(directory)
+    numbers = list(source.versions) + [int(k.rpartition("/")[2]) for k in source.problems if "/" in k]
+    return max(numbers, default=0) + 1
+
+
+def load_latest(directory: Path) -> Model:
+    """The model of a version directory, or the highest version of a model directory (flat or versioned), as the
+    server would load it (for `lstm-serve inspect`)."""
+    source = _read_source(directory)
+    if not source.versions:
+        raise next(iter(source.problems.values()), None) or ModelLoadError(f"{directory}: no {CONFIG_FILE} found")
+    return load_version(source, max(source.versions))
+
+
 def load_version(source: ModelSource, version: int) -> Model:
     return load_model(source.versions[version], config=source.configs[version])
 
@@ -460,7 +480,7 @@ class Repository:
 
     @classmethod
     def scan(
-        cls, root: Path, only: frozenset[str] = frozenset(), policy: VersionPolicy = VersionPolicy()
+        cls, root: Path, only: frozenset[str] = frozenset(), policy: VersionPolicy | None = None
     ) -> Repository:
         """Loads the served versions of every model of `root` (or only the directories named in `only`). No model
         file, however broken or hostile, stops the others: each failure is logged and listed, the rest served."""
@@ -469,7 +489,7 @@ class Repository:
         for key, exc in problems.items():
             repo.fail(key, exc)
         for name, source in sources.items():
-            chosen = source.policy or policy
+            chosen = source.policy or policy or VersionPolicy()
             loaded, failures = select_versions(source, chosen, load_version)
             for key, failure in failures.items():
                 repo.fail(key, failure)

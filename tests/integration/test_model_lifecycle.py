@@ -63,6 +63,11 @@ def write_version(model_dir: Path, version: int | None, scale: float) -> Path:
     return target / "m.npz"
 
 
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-v))
+    return out
+
+
 class Reference:
     """The LSTM in float64 from an npz's arrays (PyTorch's gate order i, f, g, o), stepped one input at a time."""
 
@@ -80,9 +85,8 @@ class Reference:
             z = self.a[f"lstm.{k}.W_ih"] @ inp + self.a[f"lstm.{k}.b_ih"]
             z = z + self.a[f"lstm.{k}.W_hh"] @ self.h[k] + self.a[f"lstm.{k}.b_hh"]
             i, f, g, o = np.split(z, 4)
-            sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
-            self.c[k] = sig(f) * self.c[k] + sig(i) * np.tanh(g)
-            self.h[k] = sig(o) * np.tanh(self.c[k])
+            self.c[k] = _sigmoid(f) * self.c[k] + _sigmoid(i) * np.tanh(g)
+            self.h[k] = _sigmoid(o) * np.tanh(self.c[k])
             inp = self.h[k]
         out: np.ndarray = self.a["head.W"] @ inp + self.a["head.b"]
         return out
@@ -112,7 +116,7 @@ def admin(
     }
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(server.target) as channel:
-        stub = lstm_pb2_grpc.ModelAdminStub(channel)
+        stub = lstm_pb2_grpc.ModelAdminStub(channel)  # type: ignore[no-untyped-call]
         reply: lstm_pb2.ModelAdminResponse = getattr(stub, method)(
             requests[method](**fields), timeout=30, metadata=metadata
         )

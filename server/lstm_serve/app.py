@@ -309,9 +309,6 @@ class App:
             if model is not None and now != was:
                 detail = f"(model {session.model!r} changed its state shape from {was} to {now} across a restart)"
                 ended.append((session.id, Ended(EndReason.MODEL_CHANGED, snap.written, detail)))
-            elif model is None and versions and session.version < max(versions):
-                detail = f"(model {session.model!r} version {session.version} is no longer served after a restart)"
-                ended.append((session.id, Ended(EndReason.MODEL_RETIRED, snap.written, detail)))
             else:
                 keep.append(session)
         store.restore(keep, ended)
@@ -320,7 +317,7 @@ class App:
             len(keep),
             path,
             max(0.0, time.time() - snap.written),
-            f"; {len(snap.sessions) - len(keep)} ended: their model changed shape or version"
+            f"; {len(snap.sessions) - len(keep)} ended: their model changed shape"
             if len(keep) < len(snap.sessions)
             else "",
         )

@@ -26,13 +26,23 @@ from lstm_serve.errors import (
     InvalidInput,
     LimitExceeded,
     LstmServeError,
+    ModelLoadError,
     ModelNotFound,
     SequenceMismatch,
     SessionNotFound,
     StoreUnavailable,
 )
 from lstm_serve.keyed_lock import KeyedLock
-from lstm_serve.lifecycle import Catalog, Overrides, Served, Versioning, VersionState, VersionView, plan
+from lstm_serve.lifecycle import (
+    Catalog,
+    Overrides,
+    Served,
+    Versioning,
+    VersionState,
+    VersionView,
+    load_pinned,
+    plan,
+)
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import (
     CommitResult,
@@ -238,6 +248,26 @@ class DataPlane:
             self.overrides.unloaded.add(name)
         return await self.reload_models()
 
+    async def _adopt(self, name: str, version: int) -> Served | None:
+        """The version a session is pinned to, loaded for it if this process never served it (lifecycle.py): None
+        when it was retired and dropped here, or is no longer in the repository."""
+        root = self.versioning.root
+        if root is None or (name, version) in self.catalog.retired:
+            return None
+        async with self._reloading:
+            served = self.catalog.get(name, version)
+            if served is not None or (name, version) in self.catalog.retired:
+                return served
+            args = (root, self.versioning.only, name, version)
+            try:
+                model, fingerprint = await asyncio.get_running_loop().run_in_executor(None, load_pinned, *args)
+            except ModelLoadError as exc:
+                log.warning("model %s version %d not loaded for its pinned sessions: %s", name, version, exc.message)
+                self.catalog.retired.add((name, version))
+                return None
+            log.info("models: %s version %d loaded for its pinned sessions (retired: no new ones)", name, version)
+            return self.catalog.adopt(model, fingerprint)
+
     async def retire_due(self) -> int:
         """Drops the retired versions nobody needs any more: no session pinned to them (where the store can tell),
         or past their drain deadline, whose remaining sessions then end with the reason `model_retired`."""
@@ -343,10 +373,9 @@ class DataPlane:
         Only this very session: a session re-created meanwhile under the key, of another model, is left alone."""
         served = self.catalog.get(found.model, found.version)
         if served is None and found.model in self.catalog.versions:
-            detail = f"(model {found.model!r} version {found.version} was retired)"
-            if (found.model, found.version) in self.catalog.retired or found.version < max(
-                self.catalog.versions[found.model]
-            ):
+            served = await self._adopt(found.model, found.version)
+            if served is None:
+                detail = f"(model {found.model!r} version {found.version} was retired)"
                 await self.store.end(key, EndReason.MODEL_RETIRED, detail, model=found.model)
                 raise SessionNotFound(f"session {session_id!r} ended: {detail}", EndReason.MODEL_RETIRED.value)
         model = served.model if served is not None else None

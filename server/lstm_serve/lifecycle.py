@@ -8,7 +8,10 @@ thread: loads are slow) and then, on the event loop, swaps the result in at once
   old one keeps serving and the failure is listed: a broken upload never takes a model away;
 - a version the policy no longer serves (or an operator unloaded) is *retired*: new sessions no longer get it, while
   the sessions pinned to it keep stepping on it until they end, or until --version-drain-timeout passes; then it is
-  dropped and those sessions end with the reason `model_retired`.
+  dropped and those sessions end with the reason `model_retired`;
+- a session pinned to a version this process never loaded (it started after the version was retired elsewhere, or
+  restored the session from a snapshot) has that version loaded for it, retired from the start (`adopt`), while its
+  directory is still in the repository; otherwise it ends as `model_retired`.
 
 Admin requests (lstm.v1 ModelAdmin, service/admin.py) are overrides on top of the repository and the policy, kept in
 this process: unload a model or a version, load a version the policy does not serve.
@@ -147,6 +150,16 @@ class VersionView:
     latest: bool
 
 
+def load_pinned(root: Path, only: Iterable[str], name: str, version: int) -> tuple[Model, tuple[object, ...]]:
+    """One version of one model, whatever the policy (blocking): for sessions pinned to a version this process does
+    not serve (it started after the version was retired elsewhere, or restored them from a snapshot)."""
+    sources, _ = repo.discover(root, only)
+    source = sources.get(name)
+    if source is None or version not in source.versions:
+        raise ModelLoadError(f"model {name!r} version {version} is no longer in the repository")
+    return repo.load_version(source, version), version_fingerprint(source, version)
+
+
 class Catalog:
     """The versions served, by model name and version: what DataPlane steps, creates and lists from. Changed only
     on the event loop (apply, retire), so a step that looked a version up uses it in the same loop turn."""
@@ -169,6 +182,12 @@ class Catalog:
         self.retired.discard(model.info.key)
         if old is not None:
             self._close_later(old.batcher)
+        return served
+
+    def adopt(self, model: Model, fingerprint: tuple[object, ...]) -> Served:
+        """A version loaded only for the sessions pinned to it: draining from the start."""
+        served = self.add(model, fingerprint)
+        served.state, served.deadline = VersionState.UNLOADING, time.monotonic() + self.drain_timeout
         return served
 
     def latest(self, name: str) -> Served | None:

@@ -15,7 +15,7 @@ import pytest
 
 from lstm_client import SessionGone
 from lstm_serve.sessions import snapshot as snapshots
-from tests.integration.test_model_lifecycle import ATOL, Reference, write_version
+from tests.integration.test_model_lifecycle import ATOL, Reference, versions, write_version
 from tests.servers import start_server, stop_server, test_settings
 
 
@@ -48,11 +48,21 @@ def test_sessions_come_back_on_their_versions(tmp_path: Path) -> None:
                 np.testing.assert_allclose(session.step(x), refs[sid].step(x), atol=ATOL)  # the state came back
     finally:
         stop_server(server, handle)
-    server, handle = _serve(models, snapshot)  # latest:1: version 1 is no longer served
+    server, handle = _serve(models, snapshot)  # latest:1: version 1 is loaded only for the session pinned to it
+    try:
+        with server.client() as client:
+            np.testing.assert_allclose(client.session("s1").step(x), refs["s1"].step(x), atol=ATOL)
+            assert versions(client) == {1: ("unloading", False), 2: ("ready", True)}
+            np.testing.assert_allclose(client.session("s2").step(x), refs["s2"].step(x), atol=ATOL)
+    finally:
+        stop_server(server, handle)
+    for flat in ("model.toml", "m.npz"):  # version 1 (the flat layout) leaves the repository
+        (models / "m" / flat).unlink()
+    server, handle = _serve(models, snapshot)
     try:
         with server.client() as client:
             with pytest.raises(SessionGone) as gone:
-                client.session_info("s1")
+                client.session("s1").step(x)
             assert gone.value.reason == "model_retired"
             np.testing.assert_allclose(client.session("s2").step(x), refs["s2"].step(x), atol=ATOL)
     finally:

@@ -479,9 +479,7 @@ class Repository:
         self.failures[key] = files.one_line(exc.public)
 
     @classmethod
-    def scan(
-        cls, root: Path, only: frozenset[str] = frozenset(), policy: VersionPolicy | None = None
-    ) -> Repository:
+    def scan(cls, root: Path, only: frozenset[str] = frozenset(), policy: VersionPolicy | None = None) -> Repository:
         """Loads the served versions of every model of `root` (or only the directories named in `only`). No model
         file, however broken or hostile, stops the others: each failure is logged and listed, the rest served."""
         repo = cls(models={}, failures={})

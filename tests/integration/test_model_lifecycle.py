@@ -291,9 +291,12 @@ def test_the_file_watch_picks_up_a_new_version(tmp_path: Path) -> None:
 
 
 def test_reload_under_load_loses_no_step_of_pinned_sessions(tmp_path: Path) -> None:
+    """8 sessions, each driven by its own thread (half over StreamSteps, half by unary Step), while version 2 is
+    loaded and version 1 retired: every reply equals the float64 reference of version 1 over the session's whole
+    history, and the server's seq and step counts end exactly at the number of steps sent."""
     models = tmp_path / "models"
     v1 = write_version(models / "m", 1, 1.0)
-    sessions, steps, threads = 8, 60, 4
+    sessions, steps = 8, 60
     rng = np.random.default_rng(7)
     inputs = rng.standard_normal((sessions, steps, 4)).astype(np.float32)
     failures: list[str] = []
@@ -304,29 +307,30 @@ def test_reload_under_load_loses_no_step_of_pinned_sessions(tmp_path: Path) -> N
             assert {s.info().model_version for s in created} == {1}
             ids = [s.id for s in created]
 
-        def drive(worker: int) -> None:
-            mine = range(worker, sessions, threads)
-            refs = {i: Reference(v1) for i in mine}
+        def paced(i: int) -> Iterator[np.ndarray]:
+            for t in range(steps):
+                yield inputs[i, t]
+                time.sleep(0.003)
+
+        def drive(i: int) -> None:
+            ref = Reference(v1)
             try:
                 with server.client() as client:
-                    attached = {i: client.session(ids[i]) for i in mine}
-                    for t in range(steps):
-                        for i in mine:
-                            got = attached[i].step(inputs[i, t])
-                            want = refs[i].step(inputs[i, t])
-                            if not np.allclose(got, want, atol=ATOL):
-                                failures.append(f"session {i} step {t + 1}: {got} != {want}")
-                                return
-                            progress[i] = t + 1
-                            time.sleep(0.002)
-                    for i in mine:
-                        info = attached[i].info()
-                        if (info.seq, info.steps, info.model_version) != (steps, steps, 1):
-                            failures.append(f"session {i}: {info}")
+                    session = client.session(ids[i])
+                    replies = session.stream(paced(i)) if i % 2 else (session.step(x) for x in paced(i))
+                    for t, got in enumerate(replies):
+                        want = ref.step(inputs[i, t])
+                        if not np.allclose(got, want, atol=ATOL):
+                            failures.append(f"session {i} step {t + 1}: {got} != {want}")
+                            return
+                        progress[i] = t + 1
+                    info = session.info()
+                    if (info.seq, info.steps, info.model_version) != (steps, steps, 1):
+                        failures.append(f"session {i}: {info}")
             except Exception as exc:  # reported by the main thread
-                failures.append(f"worker {worker}: {exc!r}")
+                failures.append(f"session {i}: {exc!r}")
 
-        workers = [threading.Thread(target=drive, args=(w,), daemon=True) for w in range(threads)]
+        workers = [threading.Thread(target=drive, args=(i,), daemon=True) for i in range(sessions)]
         for w in workers:
             w.start()
         wait_for(lambda: min(progress) >= 10 or bool(failures), "the sessions to get going", timeout=60)
@@ -344,6 +348,7 @@ def test_reload_under_load_loses_no_step_of_pinned_sessions(tmp_path: Path) -> N
             w.join(120)
         assert not any(w.is_alive() for w in workers)
         assert failures == []
+        assert progress == [steps] * sessions
         assert reloaded_at < steps  # the reload happened while they were stepping
         with server.client() as client:
             for session_id in ids:

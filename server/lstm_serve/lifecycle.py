@@ -63,8 +63,9 @@ class Overrides:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What a reload found: per model, the versions to serve (Model objects, old ones where unchanged) and their
-    fingerprints; the failures by directory key; and which (model, version) failed to load again."""
+    """What a reload found: per model, the versions to serve (Model objects, old ones where unchanged or where the
+    reload failed) and their fingerprints; the failures by directory key; and which (model, version) failed to load
+    again and are served from their loaded copy."""
 
     serve: dict[str, dict[int, tuple[Model, tuple[object, ...]]]]
     failures: dict[str, str]
@@ -85,33 +86,56 @@ def plan(
     overrides: Overrides,
 ) -> Plan:
     """Reads the repository and loads what changed (blocking: run it in a thread). Models already served and whose
-    files are unchanged are reused, not loaded again."""
+    files are unchanged are reused, not loaded again. A served version that fails to load again (its files, or its
+    model.toml, broke) counts for the policy as its loaded copy: that copy keeps serving, and the failure is listed."""
     sources, problems = repo.discover(root, only)
     failures: dict[str, str] = {}
-    failed: set[tuple[str, int]] = set()
+    failed: set[tuple[str, int]] = set()  # served versions kept because their reload failed
     recorder = repo.Repository(models={}, failures=failures)
-    for key, exc in problems.items():
-        recorder.fail(key, exc)
     serve: dict[str, dict[int, tuple[Model, tuple[object, ...]]]] = {}
     prints: dict[tuple[str, int], tuple[object, ...]] = {}
+    for key, exc in problems.items():
+        recorder.fail(key, exc)
+        if key in current and key not in sources and key not in overrides.unloaded:  # the directory broke whole
+            failed |= {(key, v) for v in current[key]}
+            serve[key] = {v: (s.model, s.fingerprint) for v, s in current[key].items() if s.state is VersionState.READY}
+    unreadable: set[tuple[str, int]] = set()  # served versions whose model.toml cannot be read now
 
     def load(source: repo.ModelSource, version: int) -> Model:
         if (source.name, version) in overrides.unloaded_versions:
             raise ModelLoadError(f"version {version} was unloaded by an operator")
-        prints[(source.name, version)] = print_ = version_fingerprint(source, version)
         served = current.get(source.name, {}).get(version)
+        if (source.name, version) in unreadable and served is not None:
+            failed.add((source.name, version))
+            prints[(source.name, version)] = served.fingerprint
+            return served.model
+        prints[(source.name, version)] = print_ = version_fingerprint(source, version)
         if served is not None and served.fingerprint == print_:
             return served.model
         try:
             return repo.load_version(source, version)
-        except BaseException:
+        except Exception as exc:
+            if served is None or served.state is not VersionState.READY:
+                raise
+            if isinstance(exc, ModelLoadError):
+                recorder.fail(source.key(version), exc)
+            else:
+                log.exception("model %s version %d not reloaded: unexpected error", source.name, version)
+                recorder.fail(source.key(version), None)
             failed.add((source.name, version))
-            raise
+            prints[(source.name, version)] = served.fingerprint
+            return served.model
 
     for name, source in sources.items():
         if name in overrides.unloaded:
             continue
-
+        for key in source.problems:  # a version (or the flat model.toml) unreadable now: its loaded copy stands in
+            _, slash, number = key.partition("/")
+            broken = [int(number)] if slash else [v for v in current.get(name, {}) if v not in source.versions]
+            for version in broken:
+                if current.get(name, {}).get(version) is not None and version not in source.versions:
+                    unreadable.add((name, version))
+                    source.versions[version] = source.directory  # a candidate for the policy, loaded from memory
         policy = source.policy or default
         loaded, version_failures = repo.select_versions(source, policy, load)
         for version in sorted(v for n, v in overrides.loaded_versions if n == name and v not in loaded):
@@ -126,6 +150,7 @@ def plan(
             if failure is not None and failure.message.endswith("was unloaded by an operator"):
                 continue  # not a failure: asked for
             recorder.fail(key, failure)
+        failed -= {(name, v) for v in current.get(name, {}) if v not in loaded}  # not needed any more: retire it
         if loaded:
             serve[name] = {v: (m, prints[(name, v)]) for v, m in sorted(loaded.items())}
     return Plan(serve, failures, failed)
@@ -209,7 +234,9 @@ class Catalog:
             for version, (model, fingerprint) in chosen.items():
                 old = self.get(name, version)
                 if old is not None and old.model is model:
-                    if old.state is not VersionState.READY:
+                    if (name, version) in new.failed:
+                        changes.append(f"{name} version {version} failed to reload: the loaded one keeps serving")
+                    elif old.state is not VersionState.READY:
                         changes.append(f"{name} version {version} ready again")
                     old.state, old.deadline, old.fingerprint = VersionState.READY, float("inf"), fingerprint
                     continue
@@ -219,9 +246,6 @@ class Catalog:
         for name, served_versions in self.versions.items():
             for version, served in served_versions.items():
                 if version in new.serve.get(name, {}):
-                    continue
-                if (name, version) in new.failed and served.state is VersionState.READY:
-                    changes.append(f"{name} version {version} failed to reload: the loaded one keeps serving")
                     continue
                 if served.state is VersionState.READY:
                     served.state, served.deadline = VersionState.UNLOADING, now + self.drain_timeout

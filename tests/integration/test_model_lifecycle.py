@@ -266,6 +266,11 @@ def test_a_failed_reload_leaves_the_old_version_serving(tmp_path: Path) -> None:
         assert any("failed to reload" in c for c in reply.changes), reply.changes
         assert {f.name for f in reply.failures} == {"m/1", "m/2"}
         np.testing.assert_allclose(session.step(x), ref.step(x), atol=ATOL)
+        (models / "m" / "1" / "model.toml").write_text("weights = [unterminated\n")  # its model.toml broken too
+        reply = admin(server, "ReloadModels")
+        assert versions(client) == {1: ("ready", True)}
+        assert "invalid TOML" in {f.name: f.error for f in reply.failures}["m/1"]
+        np.testing.assert_allclose(session.step(x), ref.step(x), atol=ATOL)
         shutil.rmtree(broken)
         write_version(models / "m", 2, 0.5)
         reply = admin(server, "ReloadModels")

@@ -372,7 +372,8 @@ class DataPlane:
         reason), or the version it is pinned to was retired and dropped here (then it ends as `model_retired`).
         Only this very session: a session re-created meanwhile under the key, of another model, is left alone."""
         served = self.catalog.get(found.model, found.version)
-        if served is None and found.model in self.catalog.versions:
+        pin = (found.model, found.version)
+        if served is None and (found.model in self.catalog.versions or pin in self.catalog.retired):
             served = await self._adopt(found.model, found.version)
             if served is None:
                 detail = f"(model {found.model!r} version {found.version} was retired)"

@@ -83,3 +83,17 @@ def test_every_worker_picks_up_a_new_version_through_its_file_watch(tmp_path: Pa
             with pytest.raises(grpc.RpcError) as refused:  # no admin credentials on this server
                 stub.ReloadModels(lstm_pb2.ReloadModelsRequest(), timeout=10)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_an_unloaded_model_ends_its_redis_sessions_after_the_drain(tmp_path: Path, redis_server: RedisServer) -> None:
+    models = tmp_path / "models"
+    write_version(models / "m", 1, 1.0)
+    settings = {"store": redis_server.url, "store_prefix": "unload:", "admin_loopback": True}
+    with serving(models, version_drain_timeout=0.5, **settings) as server, server.client() as client:
+        session = client.create_session("m")
+        session.step(np.zeros(4, np.float32))
+        admin(server, "UnloadModel", name="m")
+        wait_for(lambda: versions(client) == {}, "the drain deadline")
+        with pytest.raises(SessionGone) as gone:
+            session.step(np.zeros(4, np.float32))
+        assert gone.value.reason == "model_retired"

@@ -6,10 +6,7 @@ layer. Raises only the domain errors of lstm_serve.errors.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import logging
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -26,23 +23,13 @@ from lstm_serve.errors import (
     InvalidInput,
     LimitExceeded,
     LstmServeError,
-    ModelLoadError,
     ModelNotFound,
     SequenceMismatch,
     SessionNotFound,
     StoreUnavailable,
 )
 from lstm_serve.keyed_lock import KeyedLock
-from lstm_serve.lifecycle import (
-    Catalog,
-    Overrides,
-    Served,
-    Versioning,
-    VersionState,
-    VersionView,
-    load_pinned,
-    plan,
-)
+from lstm_serve.lifecycle import Catalog, ModelLifecycle, Served, Versioning, VersionState, VersionView
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import (
     CommitResult,
@@ -58,8 +45,6 @@ from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a trans
 from lstm_serve.sessions.store import LoadResult
 
 # The types of this API, for the transports (which import nothing past this module).
-log = logging.getLogger(__name__)
-
 __all__ = [
     "F32",
     "TENANT_NAME",
@@ -117,8 +102,7 @@ class DataPlane:
                 self.catalog.add(model)
         self.catalog.failures = dict(repository.failures)
         self._batchers = self.catalog.batchers  # the step path's lookup, by ModelInfo.key
-        self.overrides = Overrides()
-        self._reloading = asyncio.Lock()
+        self.lifecycle = ModelLifecycle(self.catalog, store, versioning, on_change=self._count_models)
         # One store call per loop turn for the commits (and cache misses) of a whole batch: one Redis round trip, not
         # one per session. A store in this process answers at once, so it is called directly.
         self._commit: Callable[[StepWrite], Awaitable[CommitResult]]
@@ -207,30 +191,13 @@ class DataPlane:
         raise ModelNotFound(f"unknown model {shown!r}; served models: {known}")
 
     async def reload_models(self) -> list[str]:
-        """Reads the repository again and swaps in what changed (see lifecycle.py); returns the changes in words.
-        Reloads run one at a time; the loading is in a thread, the swap on the loop at once."""
-        root = self.versioning.root
-        if root is None:
-            raise InvalidInput("this server has no model repository to reload from")
-        async with self._reloading:
-            current = {name: dict(versions) for name, versions in self.catalog.versions.items()}
-            args = (root, self.versioning.only, self.versioning.policy, current, self.overrides)
-            new = await asyncio.get_running_loop().run_in_executor(None, plan, *args)
-            changes = self.catalog.apply(new)
-            self._count_models()
-            for change in changes:
-                log.info("models: %s", change)
-            await self.retire_due()
-            return changes
+        """Reads the repository again and swaps in what changed; returns the changes in words (lifecycle.py)."""
+        return await self.lifecycle.reload()
 
     async def load_model(self, name: str, version: int = 0) -> list[str]:
         """An operator's load: a model unloaded before serves again (by its policy), or `version` is served beside
         the policy's versions."""
-        self.overrides.unloaded.discard(name)
-        if version:
-            self.overrides.unloaded_versions.discard((name, version))
-            self.overrides.loaded_versions.add((name, version))
-        changes = await self.reload_models()
+        changes = await self.lifecycle.load(name, version)
         if name not in self.catalog.versions or (version and self.catalog.get(name, version) is None):
             what = f"model {name!r}" + (f" version {version}" if version else "")
             reasons = {k: v for k, v in self.catalog.failures.items() if k == name or k.startswith(f"{name}/")}
@@ -238,55 +205,14 @@ class DataPlane:
         return changes
 
     async def unload_model(self, name: str, version: int = 0) -> list[str]:
-        """An operator's unload: the model (or one version) is retired, its sessions drain (see lifecycle.py)."""
+        """An operator's unload: the model (or one version) is retired, its sessions drain (lifecycle.py)."""
         if name not in self.catalog.versions or (version and self.catalog.get(name, version) is None):
             self._served(name, version or None)  # NOT_FOUND with the reason
-        if version:
-            self.overrides.loaded_versions.discard((name, version))
-            self.overrides.unloaded_versions.add((name, version))
-        else:
-            self.overrides.unloaded.add(name)
-        return await self.reload_models()
-
-    async def _adopt(self, name: str, version: int) -> Served | None:
-        """The version a session is pinned to, loaded for it if this process never served it (lifecycle.py): None
-        when it was retired and dropped here, or is no longer in the repository."""
-        root = self.versioning.root
-        if root is None or (name, version) in self.catalog.retired:
-            return None
-        async with self._reloading:
-            served = self.catalog.get(name, version)
-            if served is not None or (name, version) in self.catalog.retired:
-                return served
-            args = (root, self.versioning.only, name, version)
-            try:
-                model, fingerprint = await asyncio.get_running_loop().run_in_executor(None, load_pinned, *args)
-            except ModelLoadError as exc:
-                log.warning("model %s version %d not loaded for its pinned sessions: %s", name, version, exc.message)
-                self.catalog.retired.add((name, version))
-                return None
-            log.info("models: %s version %d loaded for its pinned sessions (retired: no new ones)", name, version)
-            return self.catalog.adopt(model, fingerprint)
+        return await self.lifecycle.unload(name, version)
 
     async def retire_due(self) -> int:
-        """Drops the retired versions nobody needs any more: no session pinned to them (where the store can tell),
-        or past their drain deadline, whose remaining sessions then end with the reason `model_retired`."""
-        dropped = 0
-        now = time.monotonic()
-        for served in [s for s in self.catalog.all() if s.state is VersionState.UNLOADING]:
-            name, version = served.model.info.key
-            pinned = await self.store.pinned(name, version)
-            if (pinned is None or pinned > 0) and now < served.deadline:
-                continue
-            detail = f"(model {name!r} version {version} was retired)"
-            ended = await self.store.end_version(name, version, EndReason.MODEL_RETIRED, detail)
-            if self.catalog.get(name, version) is served:  # not reloaded meanwhile
-                self.catalog.drop(name, version)
-                dropped += 1
-                log.info("models: %s version %d dropped (%d pinned session(s) ended)", name, version, ended)
-        if dropped:
-            self._count_models()
-        return dropped
+        """Drops the retired versions nobody needs any more (lifecycle.py)."""
+        return await self.lifecycle.retire_due()
 
     # --- sessions -----------------------------------------------------------------------------------------------
     #
@@ -374,7 +300,7 @@ class DataPlane:
         served = self.catalog.get(found.model, found.version)
         pin = (found.model, found.version)
         if served is None and (found.model in self.catalog.versions or pin in self.catalog.retired):
-            served = await self._adopt(found.model, found.version)
+            served = await self.lifecycle.adopt(found.model, found.version)
             if served is None:
                 detail = f"(model {found.model!r} version {found.version} was retired)"
                 await self.store.end(key, EndReason.MODEL_RETIRED, detail, model=found.model)

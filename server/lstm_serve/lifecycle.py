@@ -30,7 +30,8 @@ from pathlib import Path
 from lstm_serve.batching import Batcher
 from lstm_serve.engine import repository as repo
 from lstm_serve.engine.model import Model, ModelInfo
-from lstm_serve.errors import ModelLoadError
+from lstm_serve.errors import InvalidInput, ModelLoadError
+from lstm_serve.sessions import EndReason, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -282,3 +283,88 @@ class Catalog:
             task.cancel()
         for served in self.all():
             await served.batcher.close()
+
+
+class ModelLifecycle:
+    """Changes the catalog while serving: reloads (one at a time; the loading in a thread, the swap on the loop at
+    once), an operator's loads and unloads, dropping drained versions, and adopting pinned ones."""
+
+    def __init__(
+        self, catalog: Catalog, store: SessionStore, versioning: Versioning, on_change: Callable[[], None]
+    ) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.versioning = versioning
+        self.overrides = Overrides()
+        self._on_change = on_change
+        self._reloading = asyncio.Lock()
+
+    async def reload(self) -> list[str]:
+        root = self.versioning.root
+        if root is None:
+            raise InvalidInput("this server has no model repository to reload from")
+        async with self._reloading:
+            current = {name: dict(versions) for name, versions in self.catalog.versions.items()}
+            args = (root, self.versioning.only, self.versioning.policy, current, self.overrides)
+            new = await asyncio.get_running_loop().run_in_executor(None, plan, *args)
+            changes = self.catalog.apply(new)
+            self._on_change()
+            for change in changes:
+                log.info("models: %s", change)
+            await self.retire_due()
+            return changes
+
+    async def load(self, name: str, version: int = 0) -> list[str]:
+        self.overrides.unloaded.discard(name)
+        if version:
+            self.overrides.unloaded_versions.discard((name, version))
+            self.overrides.loaded_versions.add((name, version))
+        return await self.reload()
+
+    async def unload(self, name: str, version: int = 0) -> list[str]:
+        if version:
+            self.overrides.loaded_versions.discard((name, version))
+            self.overrides.unloaded_versions.add((name, version))
+        else:
+            self.overrides.unloaded.add(name)
+        return await self.reload()
+
+    async def adopt(self, name: str, version: int) -> Served | None:
+        """The version a session is pinned to, loaded for it if this process never served it: None when it was
+        retired and dropped here, or is no longer in the repository."""
+        root = self.versioning.root
+        if root is None or (name, version) in self.catalog.retired:
+            return None
+        async with self._reloading:
+            served = self.catalog.get(name, version)
+            if served is not None or (name, version) in self.catalog.retired:
+                return served
+            args = (root, self.versioning.only, name, version)
+            try:
+                model, fingerprint = await asyncio.get_running_loop().run_in_executor(None, load_pinned, *args)
+            except ModelLoadError as exc:
+                log.warning("model %s version %d not loaded for its pinned sessions: %s", name, version, exc.message)
+                self.catalog.retired.add((name, version))
+                return None
+            log.info("models: %s version %d loaded for its pinned sessions (retired: no new ones)", name, version)
+            return self.catalog.adopt(model, fingerprint)
+
+    async def retire_due(self) -> int:
+        """Drops the retired versions nobody needs any more: no session pinned to them (where the store can tell),
+        or past their drain deadline, whose remaining sessions then end with the reason `model_retired`."""
+        dropped = 0
+        now = time.monotonic()
+        for served in [s for s in self.catalog.all() if s.state is VersionState.UNLOADING]:
+            name, version = served.model.info.key
+            pinned = await self.store.pinned(name, version)
+            if (pinned is None or pinned > 0) and now < served.deadline:
+                continue
+            detail = f"(model {name!r} version {version} was retired)"
+            ended = await self.store.end_version(name, version, EndReason.MODEL_RETIRED, detail)
+            if self.catalog.get(name, version) is served:  # not reloaded meanwhile
+                self.catalog.drop(name, version)
+                dropped += 1
+                log.info("models: %s version %d dropped (%d pinned session(s) ended)", name, version, ended)
+        if dropped:
+            self._on_change()
+        return dropped

@@ -197,7 +197,7 @@ class Catalog:
         self.retired: set[tuple[str, int]] = set()  # versions this process dropped (their sessions end on use)
         self.drain_timeout = drain_timeout
         self._make_batcher = make_batcher
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: dict[asyncio.Task[None], Batcher] = {}
 
     def add(self, model: Model, fingerprint: tuple[object, ...] = ()) -> Served:
         served = Served(model, self._make_batcher(model), model.zero_state().tobytes(), fingerprint)
@@ -275,12 +275,13 @@ class Catalog:
             task = asyncio.get_running_loop().create_task(close())
         except RuntimeError:  # no loop (built before serving): nothing can be queued on it
             return
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing[task] = batcher
+        task.add_done_callback(lambda done: self._closing.pop(done, None))
 
     async def close(self) -> None:
-        for task in list(self._closing):
+        for task, batcher in list(self._closing.items()):
             task.cancel()
+            await batcher.close()
         for served in self.all():
             await served.batcher.close()
 

@@ -33,6 +33,8 @@ class ModelInfo:
     input_features: tuple[str, ...]
     output_features: tuple[str, ...]
     normalized: bool
+    state: str = ""  # "ready", or "unloading": retired, serving only the sessions pinned to it
+    latest: bool = False  # the version a session gets when it names none
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class SessionInfo:
     created: datetime
     last_used: datetime
     idle_ttl: timedelta | None  # None: never expires by idleness
+    model_version: int = 0  # the model version the session is pinned to
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,8 @@ def model_info(msg: lstm_pb2.ModelInfo) -> ModelInfo:
         input_features=tuple(msg.input_features),
         output_features=tuple(msg.output_features),
         normalized=msg.normalized,
+        state=msg.state,
+        latest=msg.latest,
     )
 
 
@@ -111,6 +116,7 @@ def session_info(msg: lstm_pb2.SessionInfo) -> SessionInfo:
         created=msg.created.ToDatetime(tzinfo=UTC),
         last_used=msg.last_used.ToDatetime(tzinfo=UTC),
         idle_ttl=ttl if ttl > timedelta(0) else None,
+        model_version=msg.model_version,
     )
 
 
@@ -142,10 +148,10 @@ def server_info(msg: lstm_pb2.GetServerInfoResponse) -> ServerInfo:
 
 
 def create_session_request(
-    model: str, ttl: float | timedelta | None, session_id: str | None
+    model: str, ttl: float | timedelta | None, session_id: str | None, model_version: int = 0
 ) -> lstm_pb2.CreateSessionRequest:
-    """`ttl` None keeps the server's default; 0 means never expire."""
-    req = lstm_pb2.CreateSessionRequest(model=model, session_id=session_id or "")
+    """`ttl` None keeps the server's default; 0 means never expire; `model_version` 0: the latest ready version."""
+    req = lstm_pb2.CreateSessionRequest(model=model, session_id=session_id or "", model_version=model_version)
     if ttl is not None:
         duration = duration_pb2.Duration()
         duration.FromTimedelta(ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl))

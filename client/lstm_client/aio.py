@@ -87,18 +87,23 @@ class AsyncClient:
     async def list_models_with_failures(self) -> tuple[list[ModelInfo], list[ModelFailure]]:
         return _calls.model_list(await self._invoke("ListModels", lstm_pb2.ListModelsRequest()))
 
-    async def get_model(self, name: str) -> ModelInfo:
-        return _calls.model_info(await self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name)))
+    async def get_model(self, name: str, version: int = 0) -> ModelInfo:
+        return _calls.model_info(await self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name, version=version)))
 
     async def server_info(self) -> ServerInfo:
         """The server's versions and limits (a server before 0.2 answers UNIMPLEMENTED: ServerError)."""
         return _calls.server_info(await self._invoke("GetServerInfo", lstm_pb2.GetServerInfoRequest()))
 
     async def create_session(
-        self, model: str, *, ttl: float | timedelta | None = None, session_id: str | None = None
+        self,
+        model: str,
+        *,
+        ttl: float | timedelta | None = None,
+        session_id: str | None = None,
+        model_version: int = 0,
     ) -> AsyncSession:
         """See `Client.create_session`: retried only with a client-chosen `session_id`."""
-        request = _calls.create_session_request(model, ttl, session_id)
+        request = _calls.create_session_request(model, ttl, session_id, model_version)
         if session_id is None:
             return AsyncSession(self, _calls.session_info(await self._invoke("CreateSession", request, retry=False)))
         metadata = self._metadata(session_id)

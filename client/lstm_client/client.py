@@ -108,15 +108,20 @@ class Client:
     def list_models_with_failures(self) -> tuple[list[ModelInfo], list[ModelFailure]]:
         return _calls.model_list(self._invoke("ListModels", lstm_pb2.ListModelsRequest()))
 
-    def get_model(self, name: str) -> ModelInfo:
-        return _calls.model_info(self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name)))
+    def get_model(self, name: str, version: int = 0) -> ModelInfo:
+        return _calls.model_info(self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name, version=version)))
 
     def server_info(self) -> ServerInfo:
         """The server's versions and limits (a server before 0.2 answers UNIMPLEMENTED: ServerError)."""
         return _calls.server_info(self._invoke("GetServerInfo", lstm_pb2.GetServerInfoRequest()))
 
     def create_session(
-        self, model: str, *, ttl: float | timedelta | None = None, session_id: str | None = None
+        self,
+        model: str,
+        *,
+        ttl: float | timedelta | None = None,
+        session_id: str | None = None,
+        model_version: int = 0,
     ) -> Session:
         """A new session; `ttl=0` never expires by idleness.
 
@@ -125,7 +130,7 @@ class Client:
         this model. Without one it is tried once: the server picks the id, so a retry after a lost reply would leave
         a second, orphaned session behind.
         """
-        request = _calls.create_session_request(model, ttl, session_id)
+        request = _calls.create_session_request(model, ttl, session_id, model_version)
         if session_id is None:
             return Session(self, _calls.session_info(self._invoke("CreateSession", request, retry=False)))
         metadata = self._metadata(session_id)

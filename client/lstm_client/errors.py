@@ -106,7 +106,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
-_GONE_REASONS = frozenset({"closed", "expired", "evicted", "model_changed"})
+_GONE_REASONS = frozenset({"closed", "expired", "evicted", "model_changed", "model_retired"})
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 

@@ -28,12 +28,16 @@ from threadpoolctl import threadpool_limits
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_serve.config import Settings
 from lstm_serve.dataplane import DataPlane, Limits
-from lstm_serve.engine.repository import Repository
+from lstm_serve.engine import repository as repo
+from lstm_serve.engine.repository import Repository, VersionPolicy
 from lstm_serve.errors import StoreUnavailable
+from lstm_serve.lifecycle import Versioning
 from lstm_serve.metrics import Metrics
 from lstm_serve.oip import OipServicer
 from lstm_serve.oip.servicer import SERVICE as OIP_SERVICE_NAME
 from lstm_serve.service import CallLimits, Calls, LstmServicer
+from lstm_serve.service.admin import SERVICE as ADMIN_SERVICE
+from lstm_serve.service.admin import AdminServicer
 from lstm_serve.service.auth import AuthInterceptor, TokenFileError, Tokens
 from lstm_serve.service.tls import CertificateFiles, TlsError
 from lstm_serve.sessions import CapacityPolicy, EndReason, MemorySessionStore, SessionStore
@@ -91,6 +95,8 @@ class App:
         self._executor: ThreadPoolExecutor | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._model_watch: asyncio.Task[None] | None = None
+        self._model_health: set[str] = set()
         self._snapshotter: asyncio.Task[None] | None = None
         self._snapshot_writing: asyncio.Future[int] | None = None  # a periodic write in its thread
         self._calls: Calls | None = None
@@ -108,7 +114,9 @@ class App:
         # More BLAS threads than cores fight the event loop for the 2 CPUs (see docs/performance.md).
         threadpool_limits(limits=1)
         tokens, credentials = self._tokens(), self._credentials()  # before the (slow) models: a bad file stops at once
-        repository = await _in_daemon_thread(Repository.scan, s.model_dir, frozenset(s.models))
+        admin_tokens = self._admin_tokens()
+        policy = VersionPolicy.parse(s.version_policy)
+        repository = await _in_daemon_thread(Repository.scan, s.model_dir, frozenset(s.models), policy)
         store = self._store = self._build_store()
         if s.snapshot is not None and isinstance(store, MemorySessionStore):
             self._restore(store, repository)
@@ -122,7 +130,8 @@ class App:
             inline_max_steps=s.inline_max_steps,
             max_sessions_per_tenant=s.max_sessions_per_tenant,
         )
-        self._plane = DataPlane(repository, store, self.metrics, limits, self._executor)
+        versioning = Versioning(s.model_dir, tuple(s.models), policy, s.version_drain_timeout)
+        self._plane = DataPlane(repository, store, self.metrics, limits, self._executor, versioning)
 
         call_limits = CallLimits(
             s.max_concurrent_rpcs,
@@ -134,7 +143,9 @@ class App:
         )
         self._calls = Calls(self.metrics, call_limits)  # the gate of lstm.v1 calls; health is outside it
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(tokens, self._calls)] if tokens is not None else [],
+            interceptors=[AuthInterceptor(tokens, self._calls, admin_tokens)]
+            if tokens is not None or admin_tokens is not None
+            else [],
             options=[
                 ("grpc.max_receive_message_length", call_limits.max_message_bytes),
                 ("grpc.max_send_message_length", call_limits.max_message_bytes),
@@ -144,10 +155,13 @@ class App:
         )
         self._server = server  # stopped by stop() even if it never starts
         LstmServicer(self._plane, self._calls).register(server)
-        services = [SERVICE_NAME]
+        services = [SERVICE_NAME, ADMIN_SERVICE]
         if s.oip:  # the Open Inference Protocol on the same port, through the same gate
             OipServicer(self._plane, self._calls, ready=lambda: bool(self._ready)).register(server)
             services.append(OIP_SERVICE_NAME)
+        AdminServicer(
+            self._plane, self._calls, admin_configured=admin_tokens is not None, loopback=s.admin_loopback
+        ).register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -175,6 +189,9 @@ class App:
             await self.plane.sweep()  # the live-session gauge from the start
         if store.shared:
             self._watcher = asyncio.create_task(self._watch_store(), name="store-watcher")
+        await self._set_model_health()
+        if s.model_poll_interval > 0:
+            self._model_watch = asyncio.create_task(self._watch_models(), name="model-watcher")
         log.info(
             "serving %d model(s) %s on %s:%d%s, metrics %s; sessions in %s%s",
             len(repository.models),
@@ -200,6 +217,44 @@ class App:
         if s.tls_cert is None and s.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("bearer tokens without TLS (--tls-cert): tokens cross the network in clear text")
         return tokens
+
+    def _admin_tokens(self) -> Tokens | None:
+        path = self.settings.admin_tokens_file
+        if path is None:
+            return None
+        try:
+            return Tokens(path)
+        except TokenFileError as exc:
+            raise StartupError(str(exc)) from None
+
+    async def _set_model_health(self) -> None:
+        """Health per model, under "lstm.v1.LstmService/<model>": SERVING while a version of it is ready."""
+        ready = {v.info.name for v in self.plane.model_versions() if v.latest}
+        for name in ready | self._model_health:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if name in ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await self._health.set(f"{SERVICE_NAME}/{name}", status)
+        self._model_health |= ready
+
+    async def _watch_models(self) -> None:
+        """Polls the repository (names, mtimes, sizes; no file opened) and reloads when it changed. Every worker
+        process runs its own watch, so they all pick up the same versions (see docs/operations.md)."""
+        root = self.settings.model_dir
+        loop = asyncio.get_running_loop()
+        seen = await loop.run_in_executor(None, repo.tree_fingerprint, root)
+        while True:
+            await asyncio.sleep(self.settings.model_poll_interval)
+            try:
+                now = await loop.run_in_executor(None, repo.tree_fingerprint, root)
+                if now != seen:
+                    seen = now
+                    await self.plane.reload_models()
+                else:
+                    await self.plane.retire_due()
+                await self._set_model_health()
+            except Exception:  # a bug or a racing rename must not end the watch for good
+                log.exception("reloading the models failed")
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings
@@ -253,8 +308,9 @@ class App:
             raise StartupError(str(exc)) from None
         keep, ended = [], list(snap.ended)
         for session in snap.sessions:
-            model = repository.models.get(session.model)
-            was = snap.models.get(session.model)
+            versions = repository.versions.get(session.model, {})
+            model = versions.get(session.version)
+            was = snap.models.get((session.model, session.version))
             now = (list(model.info.state_shape), model.info.output_size) if model is not None else None
             if model is not None and now != was:
                 detail = f"(model {session.model!r} changed its state shape from {was} to {now} across a restart)"
@@ -285,7 +341,7 @@ class App:
             log.info("session store reachable again")
         self._store_reachable = reachable
         self.metrics.store_up.set(1 if reachable else 0)
-        ready = reachable and bool(self.plane.repository.models)
+        ready = reachable and bool(self.plane.catalog.versions)
         if ready != self._ready:
             self._ready = ready
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -306,6 +362,7 @@ class App:
                 log.info("ended %d stream(s) idle for over %g s", idle, self.settings.stream_idle_timeout)
             try:
                 expired = await self.plane.sweep()
+                await self._set_model_health()
             except StoreUnavailable:
                 continue  # the store watcher reports the outage; the next sweep catches up
             except Exception:  # a bug or an unexpected store error must not end sweeping for good
@@ -327,7 +384,7 @@ class App:
             await asyncio.sleep(max(0.0, min(DRAIN_LINGER, grace - (time.monotonic() - started))))
         if self._server is not None:
             await self._server.stop(0.5)
-        for task in (self._sweeper, self._watcher, self._snapshotter):
+        for task in (self._sweeper, self._watcher, self._snapshotter, self._model_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):  # nothing may cost the snapshot

@@ -76,12 +76,12 @@ def _inspect(args: argparse.Namespace) -> int:
     from lstm_serve.engine.model import Model
     from lstm_serve.engine.npz import load_npz
     from lstm_serve.engine.numpy_backend import NumpyBackend
-    from lstm_serve.engine.repository import load_model
+    from lstm_serve.engine.repository import load_latest
 
     path: Path = args.path
     try:
         if path.is_dir():
-            model = load_model(path)
+            model = load_latest(path)
         else:
             weights = load_npz(path)
             model = Model.from_weights(path.stem, weights, NumpyBackend(weights))
@@ -231,7 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--backend", choices=("numpy", "onnx"), default="numpy", help="artifact to write")
     convert.add_argument("--name", help="model name (default: the directory name)")
     convert.add_argument("--description", default="")
-    convert.add_argument("--model-version", default="1")
+    convert.add_argument(
+        "--version",
+        "--model-version",
+        dest="model_version",
+        type=int,
+        default=None,
+        help="version to write, OUT/VERSION/ (default: one past the highest version in OUT)",
+    )
     convert.add_argument("--prefix", help="PyTorch: key prefix of the nn.LSTM, e.g. 'lstm.'")
     convert.add_argument("--head-prefix", help="PyTorch: key prefix of the nn.Linear head, e.g. 'head.'")
     convert.add_argument("--input-features", type=_names, default=(), metavar="A,B")

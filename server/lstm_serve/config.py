@@ -23,6 +23,33 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Serve only these models (directory names); empty means all."
     )
+    version_policy: str = Field(
+        "latest:1",
+        description="Which versions of a model are served, unless its model.toml says (version_policy): 'latest:N' "
+        "(the N highest that load), 'all', or 'specific:1,3'.",
+    )
+    model_poll_interval: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds between checks of the model repository for changes, reloaded as by the ReloadModels "
+        "admin call; 0 = no watch. With --workers > 1 this is how every process picks up new versions.",
+    )
+    version_drain_timeout: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds a retired model version keeps serving the sessions pinned to it; then they end (reason "
+        "model_retired). With the memory store it goes as soon as none is left.",
+    )
+    admin_tokens_file: Path | None = Field(
+        None,
+        description="Tokens allowed to call lstm.v1.ModelAdminService (load/unload/reload): lines 'name:sha256-hex' "
+        "like --tokens-file; re-read when it changes. Unset: admin calls are refused (see --admin-loopback).",
+    )
+    admin_loopback: bool = Field(
+        False,
+        description="Local development only: allow lstm.v1.ModelAdminService calls from 127.0.0.1/::1 without an "
+        "admin token.",
+    )
     session_ttl: float = Field(
         3600.0, ge=0, description="Default idle time-to-live of a session, seconds; 0 = never expire."
     )
@@ -172,6 +199,13 @@ class Settings(BaseSettings):
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
+
+    @field_validator("version_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from lstm_serve.engine.repository import VersionPolicy
+
+        return str(VersionPolicy.parse(value))  # ValueError names the forms
 
     @property
     def authenticated(self) -> bool:

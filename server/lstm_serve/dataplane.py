@@ -21,6 +21,7 @@ from lstm_serve.engine.cell import F32
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.repository import Repository
 from lstm_serve.errors import InvalidInput, ModelNotFound, SessionNotFound
+from lstm_serve.lifecycle import Catalog, ModelLifecycle, Served, Versioning, VersionState, VersionView
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import (
     CommitResult,
@@ -46,6 +47,8 @@ __all__ = [
     "SessionLimits",
     "StepItem",
     "StepOutcome",
+    "VersionState",
+    "VersionView",
 ]
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
@@ -82,26 +85,22 @@ class DataPlane:
         metrics: Metrics,
         limits: Limits = Limits(),
         executor: Executor | None = None,
+        versioning: Versioning | None = None,
     ) -> None:
-        self.repository = repository
         self.store = store
         self.metrics = metrics
         self.limits = limits
-        # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
-        # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
-        small = {name: m.info.parameters <= limits.inline_max_parameters for name, m in repository.models.items()}
-        self._batchers = {
-            name: Batcher(
-                model,
-                max_batch=limits.max_batch,
-                executor=executor,
-                inline_max_steps=limits.inline_max_steps if small[name] else 0,
-                on_batch=metrics.batch_size.labels(model=name).observe,
-            )
-            for name, model in repository.models.items()
-        }
-        # one shared, immutable zero state per model: a new or reset session costs no state memory of its own
-        self._zero_states = {name: m.zero_state().tobytes() for name, m in repository.models.items()}
+        self.versioning = versioning = versioning or Versioning()
+        self._executor = executor
+        # Every served version of every model, its batcher and its zero state (one shared, immutable zero state per
+        # version: a new or reset session costs no state memory of its own). Reloads change it (lifecycle.py).
+        self.catalog = Catalog(self._batcher_for, versioning.drain_timeout)
+        for versions in repository.versions.values():
+            for model in versions.values():
+                self.catalog.add(model)
+        self.catalog.failures = dict(repository.failures)
+        self._batchers = self.catalog.batchers  # the step path's lookup, by ModelInfo.key
+        self.lifecycle = ModelLifecycle(self.catalog, store, versioning, on_change=self._count_models)
         # One store call per loop turn for the commits (and cache misses) of a whole batch: one Redis round trip, not
         # one per session. A store in this process answers at once, so it is called directly.
         self._commit: Callable[[StepWrite], Awaitable[CommitResult]]
@@ -129,15 +128,29 @@ class DataPlane:
             commit=self._commit,
         )
         self._locks = self._stepper.locks  # create, reset and close take a session's lock too
-        metrics.models_loaded.set(len(repository.models))
-        metrics.model_load_failures.set(len(repository.failures))
-        for name in repository.models:  # every model's series exists from the start, at zero
-            metrics.child(metrics.steps, name)
+        self._count_models()
+
+    def _batcher_for(self, model: Model) -> Batcher:
+        # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
+        # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
+        small = model.info.parameters <= self.limits.inline_max_parameters
+        return Batcher(
+            model,
+            max_batch=self.limits.max_batch,
+            executor=self._executor,
+            inline_max_steps=self.limits.inline_max_steps if small else 0,
+            on_batch=self.metrics.batch_size.labels(model=model.info.name).observe,
+        )
+
+    def _count_models(self) -> None:
+        self.metrics.models_loaded.set(len(self.catalog.versions))
+        self.metrics.model_load_failures.set(len(self.catalog.failures))
+        for name in self.catalog.versions:  # every model's series exists from the start, at zero
+            self.metrics.child(self.metrics.steps, name)
 
     async def close(self) -> None:
         await self._stepper.close()
-        for batcher in self._batchers.values():
-            await batcher.close()
+        await self.catalog.close()
         for coalescer in self._coalescers:
             await coalescer.drain()
 
@@ -152,22 +165,65 @@ class DataPlane:
     # --- models -------------------------------------------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
-        return [m.info for m in self.repository.models.values()]
+        """Every version served (ready or draining), by name then version."""
+        return [s.model.info for s in self.catalog.all()]
+
+    def model_versions(self) -> list[VersionView]:
+        """Every version served, with its state and whether it is the one new sessions get."""
+        views = []
+        for name in sorted(self.catalog.versions):
+            latest = self.catalog.latest(name)
+            views += [VersionView(s.model.info, s.state, s is latest) for s in self.catalog.versions[name].values()]
+        return views
 
     def model_failures(self) -> dict[str, str]:
-        """Models of the repository that failed to load, with the short reason a client may read (no paths)."""
-        return dict(self.repository.failures)
+        """Models (or versions: "name/version") of the repository that failed to load, with the short reason a
+        client may read (no paths)."""
+        return dict(self.catalog.failures)
 
-    def model(self, name: str) -> Model:
-        model = self.repository.models.get(name)
-        if model is None:
-            failure = self.repository.failures.get(name)
-            if failure is not None:
-                raise ModelNotFound(f"model {name!r} failed to load: {failure}")
-            known = ", ".join(sorted(self.repository.models)) or "none"
-            shown = name if len(name) <= 128 else f"{name[:64]}… ({len(name)} characters)"
-            raise ModelNotFound(f"unknown model {shown!r}; served models: {known}")
-        return model
+    def model(self, name: str, version: int | None = None) -> Model:
+        """The latest ready version of `name` (what new sessions get), or the given version while it is served
+        (ready, or draining for the sessions pinned to it)."""
+        return self._served(name, version).model
+
+    def _served(self, name: str, version: int | None = None) -> Served:
+        served = self.catalog.latest(name) if version is None else self.catalog.get(name, version)
+        if served is not None:
+            return served
+        shown = name if len(name) <= 128 else f"{name[:64]}… ({len(name)} characters)"
+        versions = self.catalog.versions.get(name)
+        if versions:
+            offered = [v for v, s in versions.items() if s.state is VersionState.READY]
+            raise ModelNotFound(f"model {shown!r} has no version {version} served; ready versions: {offered}")
+        failure = self.catalog.failures.get(name)
+        if failure is not None:
+            raise ModelNotFound(f"model {name!r} failed to load: {failure}")
+        known = ", ".join(sorted(self.catalog.versions)) or "none"
+        raise ModelNotFound(f"unknown model {shown!r}; served models: {known}")
+
+    async def reload_models(self) -> list[str]:
+        """Reads the repository again and swaps in what changed; returns the changes in words (lifecycle.py)."""
+        return await self.lifecycle.reload()
+
+    async def load_model(self, name: str, version: int = 0) -> list[str]:
+        """An operator's load: a model unloaded before serves again (by its policy), or `version` is served beside
+        the policy's versions."""
+        changes = await self.lifecycle.load(name, version)
+        if name not in self.catalog.versions or (version and self.catalog.get(name, version) is None):
+            what = f"model {name!r}" + (f" version {version}" if version else "")
+            reasons = {k: v for k, v in self.catalog.failures.items() if k == name or k.startswith(f"{name}/")}
+            raise ModelNotFound(f"{what} could not be loaded: {reasons or 'not in the repository'}")
+        return changes
+
+    async def unload_model(self, name: str, version: int = 0) -> list[str]:
+        """An operator's unload: the model (or one version) is retired, its sessions drain (lifecycle.py)."""
+        if name not in self.catalog.versions or (version and self.catalog.get(name, version) is None):
+            self._served(name, version or None)  # NOT_FOUND with the reason
+        return await self.lifecycle.unload(name, version)
+
+    async def retire_due(self) -> int:
+        """Drops the retired versions nobody needs any more (lifecycle.py)."""
+        return await self.lifecycle.retire_due()
 
     def session_limits(self) -> SessionLimits:
         return SessionLimits(
@@ -188,20 +244,30 @@ class DataPlane:
     # exactly as an id that never existed. The sessions returned, and every message, name the client's own id.
 
     async def create_session(
-        self, model_name: str, session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+        self,
+        model_name: str,
+        session_id: str | None,
+        idle_ttl: float | None,
+        *,
+        tenant: str = "",
+        version: int | None = None,
     ) -> Session:
+        """A new session, pinned to `version` (None: the latest ready version) for its whole life."""
         if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
             raise InvalidInput(
                 f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}", "idle_ttl"
             )
-        self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
+        served = self._served(model_name, version)  # NOT_FOUND, with the reason, for an unknown or broken model
+        if served.state is not VersionState.READY:
+            raise ModelNotFound(f"model {model_name!r} version {version} is retired: it takes no new sessions")
         client_id = session_id or new_session_id()
         session = await self.store.create(
             model_name,
-            self._zero_states[model_name],
+            served.zero_state,
             session_key(tenant, client_id),
             idle_ttl,
             tenant_limit=self.limits.max_sessions_per_tenant,
+            version=served.model.info.version,
         )
         self.metrics.sessions_created.labels(model=model_name).inc()
         return _as_seen_by_client(session, client_id)
@@ -215,8 +281,9 @@ class DataPlane:
         await self._locks.acquire(key)  # never between the compute and the commit of a step
         try:
             session = await self._load(key, session_id, fresh=True)
-            self.model(session.model)  # NOT_FOUND, with the reason, for a model this server does not serve
-            return _as_seen_by_client(await self.store.reset(key, self._zero_states[session.model]), session_id)
+            # NOT_FOUND, with the reason, for a model this server does not serve
+            zero_state = self._served(session.model, session.version).zero_state
+            return _as_seen_by_client(await self.store.reset(key, zero_state), session_id)
         finally:
             self._locks.release(key)
 
@@ -231,8 +298,9 @@ class DataPlane:
     async def sweep(self) -> int:
         """Ends idle-expired sessions and refreshes the live-session gauge from the store (store-wide with Redis)."""
         ended = await self.store.sweep()
+        await self.retire_due()
         counts = await self.store.counts()
-        for name in self.repository.models:
+        for name in self.catalog.versions:
             self.metrics.sessions_active.labels(model=name).set(counts.get(name, 0))
         self.metrics.session_store_bytes.set(await self.store.size_bytes())
         return ended
@@ -250,9 +318,18 @@ class DataPlane:
         return await self._fitting(found, key, session_id)
 
     async def _fitting(self, found: Session, key: str, session_id: str) -> Session:
-        """`found`, unless its record no longer fits its model's state shape: then the session ends with that reason
-        (only this very session: a session re-created meanwhile under the key, of another model, is left alone)."""
-        model = self.repository.models.get(found.model)
+        """`found`, unless its record no longer fits its model's state shape (then the session ends with that
+        reason), or the version it is pinned to was retired and dropped here (then it ends as `model_retired`).
+        Only this very session: a session re-created meanwhile under the key, of another model, is left alone."""
+        served = self.catalog.get(found.model, found.version)
+        pin = (found.model, found.version)
+        if served is None and (found.model in self.catalog.versions or pin in self.catalog.retired):
+            served = await self.lifecycle.adopt(found.model, found.version)
+            if served is None:
+                detail = f"(model {found.model!r} version {found.version} was retired)"
+                await self.store.end(key, EndReason.MODEL_RETIRED, detail, model=found.model)
+                raise SessionNotFound(f"session {session_id!r} ended: {detail}", EndReason.MODEL_RETIRED.value)
+        model = served.model if served is not None else None
         if model is not None and not found.fits(model.info.state_shape, model.info.output_size):
             detail = f"(model {found.model!r} changed its state shape to {list(model.info.state_shape)})"
             await self.store.end(key, EndReason.MODEL_CHANGED, detail, model=found.model)
@@ -293,7 +370,7 @@ class DataPlane:
             if not np.all(np.isfinite(given)):
                 raise InvalidInput(f"{name} contains NaN or Inf", name)
             state[i] = given
-        ys, final, finite = await self._batchers[info.name].submit(xs, state)
+        ys, final, finite = await self._batchers[info.key].submit(xs, state)
         if not finite:
             raise InvalidInput(OVERFLOW, "inputs")
         return ys, final[0], final[1]

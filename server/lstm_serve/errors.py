@@ -96,6 +96,12 @@ class Unauthenticated(LstmServeError):
     reason = "unauthenticated"
 
 
+class PermissionDenied(LstmServeError):
+    """An admin call (lstm.v1 ModelAdminService) without an admin token, or on a server where admin calls are off."""
+
+    reason = "permission_denied"
+
+
 class RateLimited(LstmServeError):
     """The caller's tenant sent more requests than --tenant-rate allows (its bucket is empty); retry later."""
 

@@ -29,6 +29,7 @@ from lstm_serve.errors import (
     InvalidInput,
     LimitExceeded,
     LstmServeError,
+    ModelNotFound,
     SequenceMismatch,
     SessionNotFound,
     ShuttingDown,
@@ -107,9 +108,9 @@ def check_finite(xs: F32) -> None:
 class Stepper:
     def __init__(
         self,
-        model: Callable[[str], Model],
+        model: Callable[[str, int], Model],
         store: SessionStore,
-        batchers: dict[str, Batcher],
+        batchers: dict[tuple[str, int], Batcher],
         metrics: Metrics,
         *,
         max_steps: int,
@@ -119,9 +120,9 @@ class Stepper:
         fitting: Callable[[Session, str, str], Awaitable[Session]],
         commit: Callable[[StepWrite], Awaitable[CommitResult]],
     ) -> None:
-        self._model = model  # raises ModelNotFound with the reason
+        self._model = model  # (name, version) -> the model; raises ModelNotFound with the reason
+        self._batchers = batchers  # by ModelInfo.key; a reload changes the dict in place
         self.store = store
-        self._batchers = batchers
         self.metrics = metrics
         self._max_steps = max_steps
         self._inline_max_steps = inline_max_steps
@@ -247,7 +248,7 @@ class Stepper:
             for i in mine.values():
                 out[i] = exc
             return
-        jobs: dict[str, list[_Job]] = {}
+        jobs: dict[tuple[str, int], list[_Job]] = {}  # by model version
         general: list[tuple[int, str, Session, Stale | None]] = []  # to the single step's path, lock held
         for (key, i), session in zip(mine.items(), found, strict=True):
             item = items[i]
@@ -258,21 +259,26 @@ class Stepper:
                 general.append((i, key, session, None))
                 continue
             try:
-                info = self._model(session.model).info
-                if not session.fits(info.state_shape, info.output_size):
-                    general.append((i, key, session, None))
-                    continue
+                info = self._model(session.model, session.version).info
+            except ModelNotFound:  # a version not served here: `_fitting` adopts it, or ends the session
+                general.append((i, key, session, None))
+                continue
+            if not session.fits(info.state_shape, info.output_size):
+                general.append((i, key, session, None))  # `_fitting` ends it, with the reason
+                continue
+            try:
                 xs, single = shape_inputs(item.x, info, self._max_steps)
             except LstmServeError as exc:
                 out[i] = exc
                 continue
-            jobs.setdefault(info.name, []).append(_Job(i, key, session, xs, single, input_digest(xs)))
+            jobs.setdefault(info.key, []).append(_Job(i, key, session, xs, single, input_digest(xs)))
         writes: list[tuple[_Job, F32, StepWrite]] = []
         now = self.store.now()
-        for name, group in jobs.items():
-            shape = self._model(name).info.state_shape
+        for version_key, group in jobs.items():
+            batcher = self._batchers[version_key]
+            shape = batcher.model.info.state_shape
             try:
-                results = await self._batchers[name].submit_many(
+                results = await batcher.submit_many(
                     [j.xs for j in group], [j.session.state_array(shape) for j in group]
                 )
             except Exception as exc:  # a backend failure fails this model's steps; their sessions keep their state
@@ -356,7 +362,8 @@ class Stepper:
         seq = item.seq
         checked: ModelInfo | None = None
         for _ in range(attempts, MAX_COMMIT_ATTEMPTS):
-            info = self._model(session.model).info  # again after every re-read: the id may now name another model
+            # again after every re-read: the id may now name another model (or version)
+            info = self._model(session.model, session.version).info
             if info is not checked:
                 xs, single = shape_inputs(item.x, info, self._max_steps)
                 check_finite(xs)
@@ -368,7 +375,7 @@ class Stepper:
                     continue
                 outputs = self._replay(session, item.session_id, seq, digest, info)
                 return StepOutcome(item.session_id, seq, outputs[0] if single else outputs)
-            [(ys, new_state, finite)] = await self._batchers[info.name].submit_many(
+            [(ys, new_state, finite)] = await self._batchers[info.key].submit_many(
                 [xs], [session.state_array(info.state_shape)]
             )
             if not finite:

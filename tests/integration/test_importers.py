@@ -112,6 +112,10 @@ def test_convert_command_line(tmp_path: Path) -> None:
     )
     assert "input        4 features ['a', 'b', 'c', 'd']" in inspect.stdout
     assert "normalized   True" in inspect.stdout
+    assert (out / "1" / "model.toml").is_file()  # a version directory: the first version of the model
     again = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 1
-    assert "--force" in again.stderr
+    assert again.returncode == 0, again.stderr  # by default the next version
+    assert "version = 2" in (out / "2" / "model.toml").read_text()
+    replace = subprocess.run([*argv, "--version", "1"], capture_output=True, text=True, timeout=60)
+    assert replace.returncode == 1
+    assert "--force" in replace.stderr

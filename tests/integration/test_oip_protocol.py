@@ -115,7 +115,7 @@ def test_bad_tensors_are_refused_with_what_to_send(oip: pb_grpc.GRPCInferenceSer
     _refused(oip.ModelInfer, _request("nope", np.ones((1, 4))), Code.NOT_FOUND, "unknown model 'nope'")
     request = _request(model, np.ones((1, 4)))
     request.model_version = "7"
-    _refused(oip.ModelInfer, request, Code.NOT_FOUND, "model 'macro' is served in version '1' only, not '7'")
+    _refused(oip.ModelInfer, request, Code.NOT_FOUND, "model 'macro' has no version 7 served; ready versions: [1]")
 
 
 def test_bad_sequence_parameters_are_refused(oip: pb_grpc.GRPCInferenceServiceStub) -> None:

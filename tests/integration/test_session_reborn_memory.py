@@ -36,7 +36,7 @@ async def test_in_flight_step_lands_in_a_recreated_session_through_the_dataplane
     store = MemorySessionStore(max_sessions=1, default_ttl=0)
     plane = DataPlane(repo, store, Metrics())
     gate = asyncio.Event()
-    batcher = plane._batchers["a"]
+    batcher = plane._batchers[("a", 1)]
     real = batcher.submit_many
 
     async def slow(

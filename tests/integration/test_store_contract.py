@@ -318,3 +318,43 @@ async def test_redis_down_is_store_unavailable_and_recovers(tmp_path: Path) -> N
             assert (got.seq, got.record) == (1, stepped.record)  # type: ignore[union-attr]
         finally:
             await store.aclose()
+
+
+async def test_sessions_keep_the_model_version_they_were_created_on(make_store: Made) -> None:
+    make, ended = make_store
+    store = make()
+    old = await store.create("m", ZERO, "on-v1", None)
+    new = await store.create("m", ZERO, "on-v3", None, version=3)
+    assert (old.version, new.version) == (1, 3)  # 1: the default, and what records from before versions read as
+    [stepped] = await store.commit([_step(new, 2.0)])
+    assert isinstance(stepped, Session)
+    again = await _get(store, "on-v3")
+    assert (again.version, again.seq) == (3, 1)
+    reset = await store.reset("on-v3", ZERO)
+    assert reset.version == 3
+    pinned = await store.pinned("m", 3)
+    assert pinned in (1, None)  # the memory store counts; Redis does not (a retired version waits for its deadline)
+    ended_now = await store.end_version("m", 3, EndReason.MODEL_RETIRED, "(model 'm' version 3 was retired)")
+    if pinned is None:
+        assert ended_now == 0  # Redis: each one ends when next used (DataPlane._fitting)
+        assert (await _get(store, "on-v3")).version == 3
+    else:
+        assert ended_now == 1
+        assert await store.pinned("m", 3) == 0
+        with pytest.raises(SessionNotFound) as gone:
+            await _get(store, "on-v3")
+        assert gone.value.reason == "model_retired"
+        assert ("m", EndReason.MODEL_RETIRED) in ended
+    assert (await _get(store, "on-v1")).version == 1  # another version's session is left alone
+
+
+async def test_redis_records_from_before_versions_read_as_version_1(redis_server: RedisServer) -> None:
+    store = RedisSessionStore(redis_server.url, prefix=f"t{next(_prefixes)}:", max_sessions=10, default_ttl=60.0)
+    try:
+        await store.create("m", ZERO, "legacy", None, version=4)
+        redis_server.client().hdel(f"{store.prefix}s:legacy", "v")  # as an older server wrote it
+        [found] = await store.load(["legacy"], fresh=True)
+        assert isinstance(found, Session)
+        assert found.version == 1
+    finally:
+        await store.aclose()

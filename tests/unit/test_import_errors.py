@@ -162,12 +162,12 @@ def test_broken_onnx_model_does_not_stop_the_others(tmp_path: Path) -> None:
     (bad / "model.toml").write_text('backend = "onnx"\nweights = "model.onnx"\n')
     names = tmp_path / "names"
     names.mkdir()
-    shutil.copyfile(good / "model.onnx", names / "model.onnx")  # a model serves only files in its directory
+    shutil.copyfile(good / "1" / "model.onnx", names / "model.onnx")  # a model serves only files in its directory
     (names / "model.toml").write_text('backend = "onnx"\nweights = "model.onnx"\ninput_features = ["only_one"]\n')
     repo = Repository.scan(tmp_path)
     assert list(repo.models) == ["good"]
     assert "not a readable ONNX model" in repo.failures["bad"]
-    assert "input_features has 1 names for 3 values" in repo.failures["names"]
+    assert "1 input feature names for input_size 3" in repo.failures["names"]
 
 
 def test_npz_models_keep_their_metadata_in_the_npz(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def _plane(**limits: object) -> tuple[DataPlane, list[int], Model]:
     repository = Repository(models={"m": model}, failures={})
     plane = DataPlane(repository, MemorySessionStore(max_sessions=1000, default_ttl=0), Metrics(), Limits(**limits))  # type: ignore[arg-type]
     sizes: list[int] = []
-    plane._batchers["m"]._on_batch = sizes.append
+    plane._batchers[("m", 1)]._on_batch = sizes.append
     return plane, sizes, model
 
 

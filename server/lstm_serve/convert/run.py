@@ -12,8 +12,8 @@ import onnx
 
 from lstm_serve.engine import files
 from lstm_serve.engine.npz import load_npz, save_npz
-from lstm_serve.engine.repository import CONFIG_FILE, load_model
-from lstm_serve.engine.weights import ModelWeights, Normalization
+from lstm_serve.engine.repository import CONFIG_FILE, ModelConfig, load_model, next_version
+from lstm_serve.engine.weights import ModelWeights, normalization_from
 from lstm_serve.errors import ModelLoadError
 
 SOURCE_FORMATS = ("pytorch", "keras", "onnx", "npz")
@@ -27,7 +27,7 @@ class ConvertOptions:
     backend: str = "numpy"
     name: str | None = None  # default: the output directory's name
     description: str = ""
-    version: str = "1"
+    version: int | None = None  # None: one past the highest version in the model directory
     prefix: str | None = None  # PyTorch: the nn.LSTM's key prefix ("lstm.")
     head_prefix: str | None = None  # PyTorch: the nn.Linear's key prefix ("head.")
     input_features: tuple[str, ...] = ()
@@ -73,14 +73,8 @@ def read_weights(path: Path, options: ConvertOptions = ConvertOptions()) -> Mode
 
 
 def _with_metadata(weights: ModelWeights, options: ConvertOptions) -> ModelWeights:
-    norm = weights.normalization
-    if options.normalization:
-        keys = ("input_mean", "input_std", "output_mean", "output_std")
-        missing = [k for k in keys if k not in options.normalization]
-        if missing:
-            raise ModelLoadError(f"normalisation needs all of {list(keys)}; missing {missing}")
-        norm = Normalization(*(np.asarray(options.normalization[k], np.float32) for k in keys))
-    return replace(
+    norm = normalization_from(options.normalization, "normalisation") or weights.normalization
+    return replace(  # validate(): the same check of the metadata as every loader's (weights.check_metadata)
         weights,
         normalization=norm,
         input_features=options.input_features or weights.input_features,
@@ -92,21 +86,27 @@ def _toml_value(value: object) -> str:
     return json.dumps(value)  # strings, numbers and flat lists of them are valid TOML in JSON spelling
 
 
-def convert(source: Path, out_dir: Path, options: ConvertOptions = ConvertOptions()) -> tuple[Path, float]:
-    """Writes out_dir/{model.npz|model.onnx, model.toml}; returns the directory and the largest difference between
-    the written model and the source weights on a random sequence (it must be below CHECK_TOLERANCE)."""
+def convert(source: Path, model_dir: Path, options: ConvertOptions = ConvertOptions()) -> tuple[Path, float]:
+    """Writes model_dir/VERSION/{model.npz|model.onnx, model.toml} (VERSION: options.version, or one past the highest
+    version in model_dir); returns that directory and the largest difference between the written model and the
+    source weights on a random sequence (it must be below CHECK_TOLERANCE)."""
     if options.backend not in TARGETS:
         raise ModelLoadError(f"unknown backend {options.backend!r}; one of {TARGETS}")
+    if options.version is not None and options.version < 1:
+        raise ModelLoadError(f"--version must be a positive integer, not {options.version}")
     weights = _with_metadata(read_weights(source, options), options)
+    version = options.version or next_version(model_dir)
+    out_dir = model_dir / str(version)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not options.force:
             raise ModelLoadError(f"{out_dir} exists and is not empty; pass --force to replace it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = options.name or model_dir.name
     lines = [
         f"# Converted by lstm-serve convert from {source.name}",
-        f"name = {_toml_value(options.name or out_dir.name)}",
-        f"version = {_toml_value(options.version)}",
+        f"name = {_toml_value(name)}",
+        f"version = {version}",
         f"description = {_toml_value(options.description)}",
         f"backend = {_toml_value(options.backend)}",
     ]
@@ -116,7 +116,7 @@ def convert(source: Path, out_dir: Path, options: ConvertOptions = ConvertOption
     else:
         from lstm_serve.convert.onnx_graph import onnx_from_weights
 
-        onnx.save(onnx_from_weights(weights, name=options.name or out_dir.name), str(out_dir / "model.onnx"))
+        onnx.save(onnx_from_weights(weights, name=name), str(out_dir / "model.onnx"))
         lines.append('weights = "model.onnx"')
         if weights.input_features:
             lines.append(f"input_features = {_toml_value(list(weights.input_features))}")
@@ -138,7 +138,7 @@ def _check(weights: ModelWeights, out_dir: Path) -> float:
     from lstm_serve.engine.model import Model
     from lstm_serve.engine.numpy_backend import NumpyBackend
 
-    served = load_model(out_dir)
+    served = load_model(out_dir, config=ModelConfig.read(out_dir, name=out_dir.parent.name, version=int(out_dir.name)))
     reference = Model.from_weights("reference", weights, NumpyBackend(weights))
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((16, weights.input_size)).astype(np.float32)

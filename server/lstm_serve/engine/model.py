@@ -9,7 +9,7 @@ import numpy as np
 
 from lstm_serve.engine.backend import Backend
 from lstm_serve.engine.cell import F32
-from lstm_serve.engine.weights import ModelWeights, Normalization
+from lstm_serve.engine.weights import ModelWeights, Normalization, check_metadata
 
 # What a batch hands each session: its outputs (T, O), its new state (2, L, H), and whether both are finite.
 StepResult = tuple[F32, F32, bool]
@@ -18,7 +18,7 @@ StepResult = tuple[F32, F32, bool]
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     name: str
-    version: str
+    version: int  # the repository's version directory (the flat layout: model.toml's `version`, default 1)
     description: str
     backend: str
     input_size: int
@@ -29,6 +29,11 @@ class ModelInfo:
     output_features: tuple[str, ...]
     normalized: bool
     parameters: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What the data plane serves a model version under."""
+        return (self.name, self.version)
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
@@ -44,24 +49,55 @@ class Model:
         self._inv_input_std = None if normalization is None else (1.0 / normalization.input_std).astype(np.float32)
 
     @classmethod
-    def from_weights(
-        cls, name: str, weights: ModelWeights, backend: Backend, *, version: str = "1", description: str = ""
+    def build(
+        cls,
+        backend: Backend,
+        *,
+        name: str,
+        version: int,
+        description: str,
+        sizes: tuple[int, int, int, int],
+        parameters: int,
+        normalization: Normalization | None,
+        input_features: tuple[str, ...],
+        output_features: tuple[str, ...],
+        metadata_prefix: str = "meta.",
     ) -> Model:
+        """THE place a served model's description is made, whichever file it came from: its metadata checked
+        against its sizes (check_metadata), then its ModelInfo. `sizes`: input, hidden, layers, output."""
+        input_size, hidden_size, num_layers, output_size = sizes
+        check_metadata(input_size, output_size, normalization, input_features, output_features, metadata_prefix)
         info = ModelInfo(
             name=name,
             version=version,
             description=description,
             backend=backend.name,
-            input_size=weights.input_size,
-            hidden_size=weights.hidden_size,
-            num_layers=weights.num_layers,
-            output_size=weights.output_size,
+            input_size=input_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            output_size=output_size,
+            input_features=input_features,
+            output_features=output_features,
+            normalized=normalization is not None,
+            parameters=parameters,
+        )
+        return cls(info, backend, normalization)
+
+    @classmethod
+    def from_weights(
+        cls, name: str, weights: ModelWeights, backend: Backend, *, version: int = 1, description: str = ""
+    ) -> Model:
+        return cls.build(
+            backend,
+            name=name,
+            version=version,
+            description=description,
+            sizes=(weights.input_size, weights.hidden_size, weights.num_layers, weights.output_size),
+            parameters=weights.parameter_count,
+            normalization=weights.normalization,
             input_features=weights.input_features,
             output_features=weights.output_features,
-            normalized=weights.normalization is not None,
-            parameters=weights.parameter_count,
         )
-        return cls(info, backend, weights.normalization)
 
     def zero_state(self) -> F32:
         return np.zeros(self.info.state_shape, dtype=np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,22 +65,57 @@ class ModelWeights:
             O = int(self.head[0].shape[0]) if self.head[0].ndim == 2 else -1
             _shape("head.W", self.head[0], (O, H))
             _shape("head.b", self.head[1], (O,))
-        norm = self.normalization
-        if norm is not None:
-            for name, arr, n in (
-                ("input_mean", norm.input_mean, self.input_size),
-                ("input_std", norm.input_std, self.input_size),
-                ("output_mean", norm.output_mean, self.output_size),
-                ("output_std", norm.output_std, self.output_size),
-            ):
-                _shape(f"meta.{name}", arr, (n,))
-            if np.any(norm.input_std <= 0) or np.any(norm.output_std <= 0):
-                raise ModelLoadError("meta.input_std and meta.output_std must be > 0")
-        if self.input_features and len(self.input_features) != self.input_size:
-            raise ModelLoadError(f"{len(self.input_features)} input feature names for input_size {self.input_size}")
-        if self.output_features and len(self.output_features) != self.output_size:
-            raise ModelLoadError(f"{len(self.output_features)} output feature names for output_size {self.output_size}")
+        check_metadata(
+            self.input_size, self.output_size, self.normalization, self.input_features, self.output_features, "meta."
+        )
         return self
+
+
+NORMALIZATION_KEYS = ("input_mean", "input_std", "output_mean", "output_std")
+
+
+def normalization_from(values: Mapping[str, Sequence[float]], where: str) -> Normalization | None:
+    """Statistics given by name (model.toml's [normalization], convert's flags) as a Normalization: all four or
+    none. Their sizes and values are checked with the model's by check_metadata, the one check of them."""
+    if not values:
+        return None
+    missing = [k for k in NORMALIZATION_KEYS if k not in values]
+    unknown = sorted(set(values) - set(NORMALIZATION_KEYS))
+    if missing or unknown:
+        raise ModelLoadError(
+            f"{where} needs exactly {list(NORMALIZATION_KEYS)}; missing {missing}"
+            + (f", unknown {unknown}" * bool(unknown))
+        )
+    try:
+        return Normalization(*(np.asarray(values[k], np.float32).reshape(-1) for k in NORMALIZATION_KEYS))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{where}: the statistics must be lists of numbers ({exc})") from None
+
+
+def check_metadata(
+    input_size: int,
+    output_size: int,
+    norm: Normalization | None,
+    input_features: Sequence[str],
+    output_features: Sequence[str],
+    prefix: str,
+) -> None:
+    """THE check of what a model says about its inputs and outputs beside its weights, whatever carries it (an npz's
+    meta.* arrays, model.toml for an ONNX graph, convert's flags): one value per feature, finite, std > 0, one name
+    per feature. `prefix` names where they came from in the messages ("meta.", "[normalization] ")."""
+    if norm is not None:
+        for name, arr, n in (
+            ("input_mean", norm.input_mean, input_size),
+            ("input_std", norm.input_std, input_size),
+            ("output_mean", norm.output_mean, output_size),
+            ("output_std", norm.output_std, output_size),
+        ):
+            _shape(f"{prefix}{name}", arr, (n,))
+        if np.any(norm.input_std <= 0) or np.any(norm.output_std <= 0):
+            raise ModelLoadError(f"{prefix}input_std and {prefix}output_std must be > 0")
+    for what, names, n in (("input", input_features, input_size), ("output", output_features, output_size)):
+        if names and len(names) != n:
+            raise ModelLoadError(f"{len(names)} {what} feature names for {what}_size {n}")
 
 
 def _shape(name: str, arr: F32, expected: tuple[int, ...]) -> None:

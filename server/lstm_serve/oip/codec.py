@@ -160,7 +160,7 @@ def infer_response(
     shape = [1, *ys.shape] if timed else [1, info.output_size]
     reply = pb.ModelInferResponse(
         model_name=info.name,
-        model_version=info.version,
+        model_version=str(info.version),
         id=request.id,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=DATATYPE, shape=shape)],
         raw_output_contents=[ys.tobytes()],
@@ -176,7 +176,7 @@ def model_metadata(info: ModelInfo) -> pb.ModelMetadataResponse:
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=info.name,
-        versions=[info.version],
+        versions=[str(info.version)],
         platform=f"lstm-serve_{info.backend}",
         inputs=[tensor(name=INPUT, datatype=DATATYPE, shape=[1, -1, info.input_size])],
         outputs=[tensor(name=OUTPUT, datatype=DATATYPE, shape=[1, -1, info.output_size])],

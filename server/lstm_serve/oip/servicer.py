@@ -94,10 +94,13 @@ class OipServicer:
         return codec.model_metadata(self._model(request.name, request.version))
 
     def _model(self, name: str, version: str) -> ModelInfo:
-        info = self.plane.model(name).info
-        if version and version != info.version:
-            raise ModelNotFound(f"model {name!r} is served in version {info.version!r} only, not {version[:64]!r}")
-        return info
+        """The model's latest ready version, or the version named (OIP names versions as strings; ours are whole
+        numbers)."""
+        if not version:
+            return self.plane.model(name).info
+        if not version.isdigit() or len(version) > 9:
+            raise ModelNotFound(f"model {name!r} has no version {version[:64]!r}: versions are whole numbers")
+        return self.plane.model(name, int(version)).info
 
     # --- inference ----------------------------------------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class OipServicer:
                     f"got {control.seq}"
                 )
             try:
-                await plane.create_session(info.name, sid, None, tenant=tenant)
+                await plane.create_session(info.name, sid, None, tenant=tenant, version=info.version)
             except SessionExists:
                 if control.seq == 1 and (await plane.get_session(sid, tenant=tenant)).seq == 1:
                     try:  # a resend of the start request: its stored reply
@@ -179,7 +182,7 @@ class OipServicer:
                 # A new sequence under an id in use: a new session (its seq starts again at 1, as lstm_seq does; a
                 # reset would zero the state but keep counting)
                 await plane.close_session(sid, tenant=tenant)
-                await plane.create_session(info.name, sid, None, tenant=tenant)
+                await plane.create_session(info.name, sid, None, tenant=tenant, version=info.version)
             return await plane.step(sid, 1, xs, tenant=tenant)
         try:
             seq = control.seq

@@ -28,6 +28,8 @@ import grpc.aio
 
 from lstm_serve.dataplane import TENANT_NAME
 from lstm_serve.errors import Unauthenticated
+from lstm_serve.service.admin import ADMIN_CALLER
+from lstm_serve.service.admin import METHOD_PREFIX as ADMIN_METHODS
 from lstm_serve.service.calls import TENANT, Calls, Context, request_id
 from lstm_serve.service.status import error_metadata, status_code
 
@@ -164,17 +166,28 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | None:
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Admits a call with a known token (setting TENANT for it) and answers any other UNAUTHENTICATED, counted and
-    logged like every refusal (through `calls`)."""
+    logged like every refusal (through `calls`). Model admin calls are checked against the admin tokens instead, and
+    only marked (ADMIN_CALLER): the admin service refuses them itself, where it can see the caller's address."""
 
-    def __init__(self, tokens: Tokens, calls: Calls) -> None:
+    def __init__(self, tokens: Tokens | None, calls: Calls, admin: Tokens | None = None) -> None:
         self.tokens = tokens
         self.calls = calls
+        self.admin = admin
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]], details: grpc.HandlerCallDetails
     ) -> Handler:
         method: str = details.method or ""
         if method.startswith(OPEN_METHODS):
+            return await continuation(details)
+        if method.startswith(ADMIN_METHODS):
+            token = bearer_token(details.invocation_metadata)
+            if self.admin is not None:
+                self.admin.refresh()
+            admin = token is not None and self.admin is not None and self.admin.tenant(token) is not None
+            ADMIN_CALLER.set("admin" if admin else "other" if token is not None else "")
+            return await continuation(details)
+        if self.tokens is None:
             return await continuation(details)
         self.tokens.refresh()
         token = bearer_token(details.invocation_metadata)

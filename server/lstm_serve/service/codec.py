@@ -7,10 +7,19 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_client.tensor import TensorDecodeError, from_tensor, to_tensor
 from lstm_serve import __version__
-from lstm_serve.dataplane import F32, ModelInfo, Session, SessionLimits
+from lstm_serve.dataplane import F32, ModelInfo, Session, SessionLimits, VersionView
 from lstm_serve.errors import InvalidInput
 
-__all__ = ["decode_tensor", "model_info", "seconds", "server_info", "session_info", "to_tensor"]
+__all__ = [
+    "decode_tensor",
+    "failures",
+    "model_info",
+    "seconds",
+    "server_info",
+    "session_info",
+    "to_tensor",
+    "version_info",
+]
 
 UINT32_MAX = 2**32 - 1
 
@@ -40,10 +49,26 @@ def _duration(s: float) -> duration_pb2.Duration:
     return d
 
 
+def version_info(view: VersionView) -> lstm_pb2.ModelInfo:
+    message = model_info(view.info)
+    message.state, message.latest = view.state.value, view.latest
+    return message
+
+
+def failures(table: dict[str, str]) -> list[lstm_pb2.ModelLoadFailure]:
+    """The repository's failures, keyed "model" or "model/version"."""
+    out = []
+    for key, error in table.items():
+        _, slash, version = key.partition("/")
+        number = int(version) if slash and version.isdigit() else 0
+        out.append(lstm_pb2.ModelLoadFailure(name=key, error=error, version=number))
+    return out
+
+
 def model_info(info: ModelInfo) -> lstm_pb2.ModelInfo:
     return lstm_pb2.ModelInfo(
         name=info.name,
-        version=info.version,
+        version=str(info.version),
         description=info.description,
         backend=info.backend,
         input_size=info.input_size,
@@ -65,6 +90,7 @@ def session_info(session: Session) -> lstm_pb2.SessionInfo:
         created=_timestamp(session.created),
         last_used=_timestamp(session.last_used),
         idle_ttl=_duration(session.idle_ttl),
+        model_version=session.version,
     )
 
 

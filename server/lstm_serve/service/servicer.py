@@ -60,15 +60,20 @@ class LstmServicer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     async def ListModels(self, request: lstm_pb2.ListModelsRequest, context: Context) -> lstm_pb2.ListModelsResponse:
-        failures = [lstm_pb2.ModelLoadFailure(name=n, error=e) for n, e in self.plane.model_failures().items()]
-        return lstm_pb2.ListModelsResponse(models=[codec.model_info(m) for m in self.plane.models()], failures=failures)
+        return lstm_pb2.ListModelsResponse(
+            models=[codec.version_info(v) for v in self.plane.model_versions()],
+            failures=codec.failures(self.plane.model_failures()),
+        )
 
     async def GetModel(self, request: lstm_pb2.GetModelRequest, context: Context) -> lstm_pb2.ModelInfo:
-        return codec.model_info(self.plane.model(request.name).info)
+        info = self.plane.model(request.name, request.version or None).info
+        return next(codec.version_info(v) for v in self.plane.model_versions() if v.info is info)
 
     async def CreateSession(self, request: lstm_pb2.CreateSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
         ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
-        session = await self.plane.create_session(request.model, request.session_id or None, ttl, tenant=TENANT.get())
+        session = await self.plane.create_session(
+            request.model, request.session_id or None, ttl, tenant=TENANT.get(), version=request.model_version or None
+        )
         return codec.session_info(session)
 
     async def GetSession(self, request: lstm_pb2.GetSessionRequest, context: Context) -> lstm_pb2.SessionInfo:

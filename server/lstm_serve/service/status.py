@@ -26,6 +26,7 @@ from lstm_serve.errors import (
     LstmServeError,
     ModelLoadError,
     ModelNotFound,
+    PermissionDenied,
     RateLimited,
     SequenceMismatch,
     SessionExists,
@@ -47,6 +48,7 @@ STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ModelLoadError: grpc.StatusCode.INTERNAL,
 }
 

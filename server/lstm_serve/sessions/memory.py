@@ -48,7 +48,7 @@ def not_found(session_id: str, ended: Ended | None) -> SessionNotFound:
     if ended is None:
         return SessionNotFound(f"unknown session {shown!r}")
     when = datetime.fromtimestamp(ended.at, UTC).isoformat(timespec="seconds")
-    verb = "ended" if ended.reason is EndReason.MODEL_CHANGED else ended.reason.value
+    verb = "ended" if ended.reason in (EndReason.MODEL_CHANGED, EndReason.MODEL_RETIRED) else ended.reason.value
     return SessionNotFound(f"session {shown!r} was {verb} {ended.detail} at {when}", ended.reason)
 
 
@@ -88,6 +88,7 @@ class MemorySessionStore:
         self._live: dict[str, Session] = {}
         self._ended: OrderedDict[str, Ended] = OrderedDict()  # oldest first
         self._counts: Counter[str] = Counter()
+        self._pinned: Counter[tuple[str, int]] = Counter()  # live sessions by (model, version)
         self._tenants: Counter[str] = Counter()  # live sessions by tenant (the key's prefix; "" for plain ids)
         self._tenant_swept = float("-inf")
 
@@ -104,6 +105,7 @@ class MemorySessionStore:
         idle_ttl: float | None,
         *,
         tenant_limit: int = 0,
+        version: int = 1,
     ) -> Session:
         if session_id:
             validate_session_key(session_id)
@@ -145,6 +147,7 @@ class MemorySessionStore:
             created=now,
             last_used=now,
             idle_ttl=self.default_ttl if idle_ttl is None else idle_ttl,
+            version=version,
         )
         self._add(session)
         return session
@@ -199,6 +202,18 @@ class MemorySessionStore:
         if session is not None and (not model or session.model == model):
             del self._live[session_id]
             self._end(session, reason, detail)
+
+    async def pinned(self, model: str, version: int) -> int | None:
+        return self._pinned[(model, version)]
+
+    async def end_version(self, model: str, version: int, reason: EndReason, detail: str) -> int:
+        if not self._pinned[(model, version)]:
+            return 0
+        victims = [s for s in self._live.values() if s.model == model and s.version == version]
+        for session in victims:
+            del self._live[session.id]
+            self._end(session, reason, detail)
+        return len(victims)
 
     async def sweep(self) -> int:
         ended = 0
@@ -267,6 +282,7 @@ class MemorySessionStore:
         self._live[session.id] = session
         self._ended.pop(session.id, None)
         self._counts[session.model] += 1
+        self._pinned[(session.model, session.version)] += 1
         self._tenants[tenant_of(session.id)] += 1
         self.bytes += len(session.record)
 
@@ -308,6 +324,10 @@ class MemorySessionStore:
         self._counts[session.model] -= 1
         if self._counts[session.model] <= 0:
             del self._counts[session.model]
+        pin = (session.model, session.version)
+        self._pinned[pin] -= 1
+        if self._pinned[pin] <= 0:
+            del self._pinned[pin]
         tenant = tenant_of(session.id)
         self._tenants[tenant] -= 1
         if self._tenants[tenant] <= 0:

@@ -2,7 +2,8 @@
 session (does it exist, is this write based on its current record, is the store full) is taken where the truth is.
 
 Keys, under a prefix P (default "lstm:"):
-  P s:<id>   hash: m model, r rev token, q seq, n steps, c created ms, u last used ms, t idle TTL ms, d record bytes;
+  P s:<id>   hash: m model, r rev token, q seq, n steps, c created ms, u last used ms, t idle TTL ms, d record bytes,
+             v the model version it is pinned to (absent in records from before versions: version 1);
              PEXPIRE'd to its idle TTL on every write, so Redis itself forgets idle sessions
   P e:<id>   why a session ended: "reason<TAB>model<TAB>at ms<TAB>detail", kept `ended` ms
   P lru      sorted set id -> last used ms (eviction order, and the live count)
@@ -13,7 +14,7 @@ Keys, under a prefix P (default "lstm:"):
 Times come from Redis (TIME), so replicas with skewed clocks agree. Scripts touch keys they compute, so the store
 needs one Redis (standalone, or a primary with replicas / Sentinel), not a Redis Cluster.
 
-Replies: a live session is {1, m, r, q, n, c, u, t, d}; a gone one {0, reason, at, detail} (reason "" = unknown);
+Replies: a live session is {1, m, r, q, n, c, u, t, d, v}; a gone one {0, reason, at, detail} (reason "" = unknown);
 `events` lists (model, reason) of sessions that the script ended, for the metrics of exactly one replica.
 """
 
@@ -31,7 +32,7 @@ end
 local NOW = now_ms()
 
 local function fields(sk)
-  return redis.call('HMGET', sk, 'm', 'r', 'q', 'n', 'c', 'u', 't', 'd')
+  return redis.call('HMGET', sk, 'm', 'r', 'q', 'n', 'c', 'u', 't', 'd', 'v')
 end
 
 local function mark_ended(id, model, reason, at, detail)
@@ -105,12 +106,12 @@ local function finish(id, sk, reason, detail)
 end
 
 local function live(f)
-  return {1, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8]}
+  return {1, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9] or '1'}
 end
 """
 
 # ARGV: P, ended, id, model, zero record, idle TTL ms, max sessions, policy ("evict" | "refuse"), rev token,
-# sweep limit, sessions per tenant at most (0: no limit)
+# sweep limit, sessions per tenant at most (0: no limit), model version
 CREATE = (
     COMMON
     + r"""
@@ -140,7 +141,7 @@ while redis.call('ZCARD', P .. 'lru') >= max do
     redis.call('ZREM', P .. 'lru', victim)
   end
 end
-redis.call('HSET', sk, 'm', model, 'r', token, 'q', 0, 'n', 0, 'c', NOW, 'u', NOW, 't', ttl, 'd', rec)
+redis.call('HSET', sk, 'm', model, 'r', token, 'q', 0, 'n', 0, 'c', NOW, 'u', NOW, 't', ttl, 'd', rec, 'v', ARGV[12])
 redis.call('HSET', P .. 'm', id, model)
 redis.call('HINCRBY', P .. 'count', model, 1)
 redis.call('HINCRBY', P .. 'tenants', tenant, 1)

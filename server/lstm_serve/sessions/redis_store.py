@@ -155,7 +155,7 @@ class RedisSessionStore:
 
     def _decode(self, session_id: str, reply: Sequence[Any]) -> LoadResult:
         if reply[0] == 1:
-            m, r, q, n, c, u, t, d = reply[1:]
+            m, r, q, n, c, u, t, d, *v = reply[1:]
             return Session(
                 id=session_id,
                 model=m.decode(),
@@ -166,6 +166,7 @@ class RedisSessionStore:
                 seq=int(q),
                 steps=int(n),
                 rev=int(r),
+                version=int(v[0]) if v and v[0] else 1,
             )
         reason, at, detail = (v.decode() if isinstance(v, bytes) else "" for v in reply[1:4])
         ended = Ended(EndReason(reason), int(at) / 1000, detail) if reason else None
@@ -181,6 +182,7 @@ class RedisSessionStore:
         idle_ttl: float | None,
         *,
         tenant_limit: int = 0,
+        version: int = 1,
     ) -> Session:
         if session_id:
             validate_session_key(session_id)
@@ -189,7 +191,7 @@ class RedisSessionStore:
         ttl = self.default_ttl if idle_ttl is None else idle_ttl
         token = _token()
         args = (session_id, model, zero_state, int(ttl * 1000), self.max_sessions, self.policy.value, token)
-        status, events, *rest = await self._run("CREATE", *args, SWEEP_LIMIT, tenant_limit)
+        status, events, *rest = await self._run("CREATE", *args, SWEEP_LIMIT, tenant_limit, version)
         self._events(events)
         if status == b"exists":
             raise SessionExists(f"session {client_id(session_id)!r} already exists")
@@ -203,7 +205,7 @@ class RedisSessionStore:
                 "ones or retry later"
             )
         now = int(rest[0]) / 1000
-        session = Session(session_id, model, zero_state, now, now, int(ttl * 1000) / 1000, rev=token)
+        session = Session(session_id, model, zero_state, now, now, int(ttl * 1000) / 1000, rev=token, version=version)
         return self._remember(session)
 
     async def load(self, session_ids: Sequence[str], *, fresh: bool) -> list[LoadResult]:
@@ -271,6 +273,12 @@ class RedisSessionStore:
         _, events = await self._run("FINISH", session_id, reason.value, detail, model)
         self._forget(session_id)
         self._events(events)
+
+    async def pinned(self, model: str, version: int) -> int | None:
+        return None  # not counted in Redis: a retired version is kept until its drain deadline
+
+    async def end_version(self, model: str, version: int, reason: EndReason, detail: str) -> int:
+        return 0  # found only by a scan of every session: each ends when next used (DataPlane._fitting)
 
     async def sweep(self) -> int:
         ended = 0

@@ -34,6 +34,7 @@ class EndReason(StrEnum):
     EXPIRED = "expired"
     EVICTED = "evicted"
     MODEL_CHANGED = "model_changed"  # the model now has another state shape than the session was stepped with
+    MODEL_RETIRED = "model_retired"  # the model version it is pinned to stopped being served (lstm_serve.lifecycle)
 
 
 class CapacityPolicy(StrEnum):
@@ -65,6 +66,7 @@ class Session:
     seq: int = 0
     steps: int = 0
     rev: int = 0
+    version: int = 1  # the model version the session is pinned to (created on; records from before versions: 1)
 
     def state_array(self, shape: tuple[int, int, int]) -> F32:
         """A read-only view of the state, shape (2, L, H)."""
@@ -81,7 +83,9 @@ class Session:
         """The session after step `seq` (built directly: this is on every step's path, and `replace` costs more)."""
         steps = self.steps + (len(outputs) if outputs.ndim == 2 else 1)
         record = state.tobytes() + digest + outputs.tobytes()
-        return Session(self.id, self.model, record, self.created, now, self.idle_ttl, seq, steps, self.rev + 1)
+        return Session(
+            self.id, self.model, record, self.created, now, self.idle_ttl, seq, steps, self.rev + 1, self.version
+        )
 
     def reset(self, zero_state: bytes, now: float) -> Session:
         """Zero state; the stored reply stays (a retry of step `seq` still gets its answer)."""
@@ -185,8 +189,10 @@ class SessionStore(Protocol):
         idle_ttl: float | None,
         *,
         tenant_limit: int = 0,
+        version: int = 1,
     ) -> Session:
-        """Raises SessionExists when a live session has `session_id` (a key: see session_key); CapacityExceeded
+        """A new session of `model`, pinned to its `version`. Raises SessionExists when a live session has
+        `session_id` (a key: see session_key); CapacityExceeded
         under the refuse policy, or when `tenant_limit` > 0 and the key's tenant (tenant_of) holds that many live
         sessions already, store-wide."""
         ...
@@ -212,6 +218,15 @@ class SessionStore(Protocol):
     async def end(self, session_id: str, reason: EndReason, detail: str, *, model: str = "") -> None:
         """Ends a live session for a reason of the server's (a model that changed shape); no-op if already gone, or
         if `model` is given and the session under the id now is of another model (re-created meanwhile)."""
+        ...
+
+    async def pinned(self, model: str, version: int) -> int | None:
+        """Live sessions pinned to this model version, or None when the store cannot tell cheaply (Redis)."""
+        ...
+
+    async def end_version(self, model: str, version: int, reason: EndReason, detail: str) -> int:
+        """Ends the live sessions pinned to a model version that stops being served; returns how many (a store that
+        cannot find them cheaply ends none here: the data plane ends each one when it is next used)."""
         ...
 
     async def sweep(self) -> int:

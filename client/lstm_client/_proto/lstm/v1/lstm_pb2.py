@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lstm/v1/lstm.proto\x12\x07lstm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x0c\x65xpected_seq\x18\x04 \x01(\x04\x42\x02\x30\x01\"\x13\n\x11ListModelsRequest\"e\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure\"/\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xe7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x16\n\x0einput_features\x18\t \x03(\t\x12\x17\n\x0foutput_features\x18\n \x03(\t\x12\x12\n\nnormalized\x18\x0b \x01(\x08\"f\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdd\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x03seq\x18\x03 \x01(\x04\x42\x02\x30\x01\x12\x11\n\x05steps\x18\x04 \x01(\x04\x42\x02\x30\x01\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"x\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x03seq\x18\x02 \x01(\x04\x42\x02\x30\x01\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12#\n\x05steps\x18\x04 \x03(\x0b\x32\x14.lstm.v1.StepRequest\"U\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x03seq\x18\x02 \x01(\x04\x42\x02\x30\x01\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"\xa4\x01\n\tStepReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x03seq\x18\x02 \x01(\x04\x42\x02\x30\x01\x12\"\n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.TensorH\x00\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.lstm.v1.ErrorH\x00\x12#\n\x07replies\x18\x05 \x03(\x0b\x32\x12.lstm.v1.StepReplyB\x08\n\x06result\"6\n\x0fStepManyRequest\x12#\n\x05steps\x18\x01 \x03(\x0b\x32\x14.lstm.v1.StepRequest\"7\n\x10StepManyResponse\x12#\n\x07replies\x18\x01 \x03(\x0b\x32\x12.lstm.v1.StepReply\"z\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02h0\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"k\n\x0fPredictResponse\x12 \n\x07outputs\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"\x16\n\x14GetServerInfoRequest\"h\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.lstm.v1.ServerLimits\"\xda\x03\n\x0cServerLimits\x12\x1d\n\x15max_steps_per_request\x18\x01 \x01(\r\x12%\n\x1dmax_stream_requests_in_flight\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\x12\x1b\n\x13max_sessions_policy\x18\x05 \x01(\t\x12\x1f\n\x17max_sessions_per_tenant\x18\x06 \x01(\r\x12\x33\n\x10\x64\x65\x66\x61ult_idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_idle_ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15max_session_id_length\x18\t \x01(\r\x12\x1a\n\x12max_calls_per_peer\x18\n \x01(\r\x12\x11\n\tmax_calls\x18\x0b \x01(\r\x12\x36\n\x13stream_idle_timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0btenant_rate\x18\r \x01(\x01\x12\x14\n\x0ctenant_burst\x18\x0e \x01(\r2\xe6\x05\n\x0bLstmService\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfo\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12>\n\nGetSession\x12\x1a.lstm.v1.GetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\x0cResetSession\x12\x1c.lstm.v1.ResetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12K\n\x0c\x43loseSession\x12\x1c.lstm.v1.CloseSessionRequest\x1a\x1d.lstm.v1.CloseSessionResponse\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12;\n\x0bStreamSteps\x12\x14.lstm.v1.StepRequest\x1a\x12.lstm.v1.StepReply(\x01\x30\x01\x12?\n\x08StepMany\x12\x18.lstm.v1.StepManyRequest\x1a\x19.lstm.v1.StepManyResponse\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponse\x12N\n\rGetServerInfo\x12\x1d.lstm.v1.GetServerInfoRequest\x1a\x1e.lstm.v1.GetServerInfoResponseBt\n\x0fio.lstmserve.v1B\tLstmProtoP\x01Z lstm-serve/gen/go/lstm/v1;lstmv1\xa2\x02\x03LSV\xaa\x02\x0cLstmServe.V1\xca\x02\x0cLstmServe\\V1\xea\x02\rLstmServe::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lstm/v1/lstm.proto\x12\x07lstm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x0c\x65xpected_seq\x18\x04 \x01(\x04\x42\x02\x30\x01\"\x13\n\x11ListModelsRequest\"e\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure\"@\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07version\x18( \x01(\r\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18( \x01(\r\"\x86\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x16\n\x0einput_features\x18\t \x03(\t\x12\x17\n\x0foutput_features\x18\n \x03(\t\x12\x12\n\nnormalized\x18\x0b \x01(\x08\x12\r\n\x05state\x18( \x01(\t\x12\x0e\n\x06latest\x18) \x01(\x08\"}\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmodel_version\x18( \x01(\r\"\xf4\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x03seq\x18\x03 \x01(\x04\x42\x02\x30\x01\x12\x11\n\x05steps\x18\x04 \x01(\x04\x42\x02\x30\x01\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmodel_version\x18( \x01(\r\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"x\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x03seq\x18\x02 \x01(\x04\x42\x02\x30\x01\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12#\n\x05steps\x18\x04 \x03(\x0b\x32\x14.lstm.v1.StepRequest\"U\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x03seq\x18\x02 \x01(\x04\x42\x02\x30\x01\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"\xa4\x01\n\tStepReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x03seq\x18\x02 \x01(\x04\x42\x02\x30\x01\x12\"\n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.TensorH\x00\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.lstm.v1.ErrorH\x00\x12#\n\x07replies\x18\x05 \x03(\x0b\x32\x12.lstm.v1.StepReplyB\x08\n\x06result\"6\n\x0fStepManyRequest\x12#\n\x05steps\x18\x01 \x03(\x0b\x32\x14.lstm.v1.StepRequest\"7\n\x10StepManyResponse\x12#\n\x07replies\x18\x01 \x03(\x0b\x32\x12.lstm.v1.StepReply\"z\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02h0\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"k\n\x0fPredictResponse\x12 \n\x07outputs\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"\x16\n\x14GetServerInfoRequest\"h\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12%\n\x06limits\x18\x03 \x01(\x0b\x32\x15.lstm.v1.ServerLimits\"\xda\x03\n\x0cServerLimits\x12\x1d\n\x15max_steps_per_request\x18\x01 \x01(\r\x12%\n\x1dmax_stream_requests_in_flight\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\x12\x1b\n\x13max_sessions_policy\x18\x05 \x01(\t\x12\x1f\n\x17max_sessions_per_tenant\x18\x06 \x01(\r\x12\x33\n\x10\x64\x65\x66\x61ult_idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_idle_ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15max_session_id_length\x18\t \x01(\r\x12\x1a\n\x12max_calls_per_peer\x18\n \x01(\r\x12\x11\n\tmax_calls\x18\x0b \x01(\r\x12\x36\n\x13stream_idle_timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0btenant_rate\x18\r \x01(\x01\x12\x14\n\x0ctenant_burst\x18\x0e \x01(\r\"\x15\n\x13ReloadModelsRequest\"1\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"v\n\x12ModelAdminResponse\x12\x0f\n\x07\x63hanges\x18\x01 \x03(\t\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure2\xe6\x05\n\x0bLstmService\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfo\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12>\n\nGetSession\x12\x1a.lstm.v1.GetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\x0cResetSession\x12\x1c.lstm.v1.ResetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12K\n\x0c\x43loseSession\x12\x1c.lstm.v1.CloseSessionRequest\x1a\x1d.lstm.v1.CloseSessionResponse\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12;\n\x0bStreamSteps\x12\x14.lstm.v1.StepRequest\x1a\x12.lstm.v1.StepReply(\x01\x30\x01\x12?\n\x08StepMany\x12\x18.lstm.v1.StepManyRequest\x1a\x19.lstm.v1.StepManyResponse\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponse\x12N\n\rGetServerInfo\x12\x1d.lstm.v1.GetServerInfoRequest\x1a\x1e.lstm.v1.GetServerInfoResponse2\xec\x01\n\x11ModelAdminService\x12I\n\x0cReloadModels\x12\x1c.lstm.v1.ReloadModelsRequest\x1a\x1b.lstm.v1.ModelAdminResponse\x12\x43\n\tLoadModel\x12\x19.lstm.v1.LoadModelRequest\x1a\x1b.lstm.v1.ModelAdminResponse\x12G\n\x0bUnloadModel\x12\x1b.lstm.v1.UnloadModelRequest\x1a\x1b.lstm.v1.ModelAdminResponseBt\n\x0fio.lstmserve.v1B\tLstmProtoP\x01Z lstm-serve/gen/go/lstm/v1;lstmv1\xa2\x02\x03LSV\xaa\x02\x0cLstmServe.V1\xca\x02\x0cLstmServe\\V1\xea\x02\rLstmServe::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,43 +45,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=238
   _globals['_LISTMODELSRESPONSE']._serialized_end=339
   _globals['_MODELLOADFAILURE']._serialized_start=341
-  _globals['_MODELLOADFAILURE']._serialized_end=388
-  _globals['_GETMODELREQUEST']._serialized_start=390
-  _globals['_GETMODELREQUEST']._serialized_end=421
-  _globals['_MODELINFO']._serialized_start=424
-  _globals['_MODELINFO']._serialized_end=655
-  _globals['_CREATESESSIONREQUEST']._serialized_start=657
-  _globals['_CREATESESSIONREQUEST']._serialized_end=759
-  _globals['_SESSIONINFO']._serialized_start=762
-  _globals['_SESSIONINFO']._serialized_end=983
-  _globals['_GETSESSIONREQUEST']._serialized_start=985
-  _globals['_GETSESSIONREQUEST']._serialized_end=1024
-  _globals['_RESETSESSIONREQUEST']._serialized_start=1026
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1067
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1069
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1110
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1112
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1173
-  _globals['_STEPREQUEST']._serialized_start=1175
-  _globals['_STEPREQUEST']._serialized_end=1295
-  _globals['_STEPRESPONSE']._serialized_start=1297
-  _globals['_STEPRESPONSE']._serialized_end=1382
-  _globals['_STEPREPLY']._serialized_start=1385
-  _globals['_STEPREPLY']._serialized_end=1549
-  _globals['_STEPMANYREQUEST']._serialized_start=1551
-  _globals['_STEPMANYREQUEST']._serialized_end=1605
-  _globals['_STEPMANYRESPONSE']._serialized_start=1607
-  _globals['_STEPMANYRESPONSE']._serialized_end=1662
-  _globals['_PREDICTREQUEST']._serialized_start=1664
-  _globals['_PREDICTREQUEST']._serialized_end=1786
-  _globals['_PREDICTRESPONSE']._serialized_start=1788
-  _globals['_PREDICTRESPONSE']._serialized_end=1895
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1897
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1919
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1921
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2025
-  _globals['_SERVERLIMITS']._serialized_start=2028
-  _globals['_SERVERLIMITS']._serialized_end=2502
-  _globals['_LSTMSERVICE']._serialized_start=2505
-  _globals['_LSTMSERVICE']._serialized_end=3247
+  _globals['_MODELLOADFAILURE']._serialized_end=405
+  _globals['_GETMODELREQUEST']._serialized_start=407
+  _globals['_GETMODELREQUEST']._serialized_end=455
+  _globals['_MODELINFO']._serialized_start=458
+  _globals['_MODELINFO']._serialized_end=720
+  _globals['_CREATESESSIONREQUEST']._serialized_start=722
+  _globals['_CREATESESSIONREQUEST']._serialized_end=847
+  _globals['_SESSIONINFO']._serialized_start=850
+  _globals['_SESSIONINFO']._serialized_end=1094
+  _globals['_GETSESSIONREQUEST']._serialized_start=1096
+  _globals['_GETSESSIONREQUEST']._serialized_end=1135
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1137
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1178
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1180
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1221
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1223
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1284
+  _globals['_STEPREQUEST']._serialized_start=1286
+  _globals['_STEPREQUEST']._serialized_end=1406
+  _globals['_STEPRESPONSE']._serialized_start=1408
+  _globals['_STEPRESPONSE']._serialized_end=1493
+  _globals['_STEPREPLY']._serialized_start=1496
+  _globals['_STEPREPLY']._serialized_end=1660
+  _globals['_STEPMANYREQUEST']._serialized_start=1662
+  _globals['_STEPMANYREQUEST']._serialized_end=1716
+  _globals['_STEPMANYRESPONSE']._serialized_start=1718
+  _globals['_STEPMANYRESPONSE']._serialized_end=1773
+  _globals['_PREDICTREQUEST']._serialized_start=1775
+  _globals['_PREDICTREQUEST']._serialized_end=1897
+  _globals['_PREDICTRESPONSE']._serialized_start=1899
+  _globals['_PREDICTRESPONSE']._serialized_end=2006
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2008
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2030
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2032
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2136
+  _globals['_SERVERLIMITS']._serialized_start=2139
+  _globals['_SERVERLIMITS']._serialized_end=2613
+  _globals['_RELOADMODELSREQUEST']._serialized_start=2615
+  _globals['_RELOADMODELSREQUEST']._serialized_end=2636
+  _globals['_LOADMODELREQUEST']._serialized_start=2638
+  _globals['_LOADMODELREQUEST']._serialized_end=2687
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2689
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2740
+  _globals['_MODELADMINRESPONSE']._serialized_start=2742
+  _globals['_MODELADMINRESPONSE']._serialized_end=2860
+  _globals['_LSTMSERVICE']._serialized_start=2863
+  _globals['_LSTMSERVICE']._serialized_end=3605
+  _globals['_MODELADMINSERVICE']._serialized_start=3608
+  _globals['_MODELADMINSERVICE']._serialized_end=3844
 # @@protoc_insertion_point(module_scope)

@@ -40,21 +40,25 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[ModelLoadFailure, _Mapping]]] = ...) -> None: ...
 
 class ModelLoadFailure(_message.Message):
-    __slots__ = ("name", "error")
+    __slots__ = ("name", "error", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     error: str
-    def __init__(self, name: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., error: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "description", "backend", "input_size", "hidden_size", "num_layers", "output_size", "input_features", "output_features", "normalized")
+    __slots__ = ("name", "version", "description", "backend", "input_size", "hidden_size", "num_layers", "output_size", "input_features", "output_features", "normalized", "state", "latest")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +70,8 @@ class ModelInfo(_message.Message):
     INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -77,20 +83,24 @@ class ModelInfo(_message.Message):
     input_features: _containers.RepeatedScalarFieldContainer[str]
     output_features: _containers.RepeatedScalarFieldContainer[str]
     normalized: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., backend: _Optional[str] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_size: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., output_features: _Optional[_Iterable[str]] = ..., normalized: bool = ...) -> None: ...
+    state: str
+    latest: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., backend: _Optional[str] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_size: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., output_features: _Optional[_Iterable[str]] = ..., normalized: bool = ..., state: _Optional[str] = ..., latest: bool = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "session_id", "idle_ttl")
+    __slots__ = ("model", "session_id", "idle_ttl", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     idle_ttl: _duration_pb2.Duration
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "seq", "steps", "created", "last_used", "idle_ttl")
+    __slots__ = ("session_id", "model", "seq", "steps", "created", "last_used", "idle_ttl", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +108,7 @@ class SessionInfo(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     seq: int
@@ -105,7 +116,8 @@ class SessionInfo(_message.Message):
     created: _timestamp_pb2.Timestamp
     last_used: _timestamp_pb2.Timestamp
     idle_ttl: _duration_pb2.Duration
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., seq: _Optional[int] = ..., steps: _Optional[int] = ..., created: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., seq: _Optional[int] = ..., steps: _Optional[int] = ..., created: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_used: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -246,3 +258,33 @@ class ServerLimits(_message.Message):
     tenant_rate: float
     tenant_burst: int
     def __init__(self, max_steps_per_request: _Optional[int] = ..., max_stream_requests_in_flight: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_sessions_policy: _Optional[str] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., max_idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., max_session_id_length: _Optional[int] = ..., max_calls_per_peer: _Optional[int] = ..., max_calls: _Optional[int] = ..., stream_idle_timeout: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., tenant_rate: _Optional[float] = ..., tenant_burst: _Optional[int] = ...) -> None: ...
+
+class ReloadModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ModelAdminResponse(_message.Message):
+    __slots__ = ("changes", "models", "failures")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    failures: _containers.RepeatedCompositeFieldContainer[ModelLoadFailure]
+    def __init__(self, changes: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[ModelLoadFailure, _Mapping]]] = ...) -> None: ...

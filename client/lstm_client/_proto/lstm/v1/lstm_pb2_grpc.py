@@ -550,3 +550,179 @@ class LstmService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelAdminServiceStub(object):
+    """====================================================================================================================
+    Model lifecycle (issue 13): load, unload and reload models without a restart. Every call needs an admin token
+    (--admin-tokens-file), or, for local development only, --admin-loopback and a call from 127.0.0.1 / ::1; otherwise
+    PERMISSION_DENIED (UNAUTHENTICATED without any token). With several --workers each process keeps its own models:
+    use the file watch (--model-poll-interval), see docs/operations.md.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReloadModels = channel.unary_unary(
+                '/lstm.v1.ModelAdminService/ReloadModels',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/lstm.v1.ModelAdminService/LoadModel',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/lstm.v1.ModelAdminService/UnloadModel',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
+
+
+class ModelAdminServiceServicer(object):
+    """====================================================================================================================
+    Model lifecycle (issue 13): load, unload and reload models without a restart. Every call needs an admin token
+    (--admin-tokens-file), or, for local development only, --admin-loopback and a call from 127.0.0.1 / ::1; otherwise
+    PERMISSION_DENIED (UNAUTHENTICATED without any token). With several --workers each process keeps its own models:
+    use the file watch (--model-poll-interval), see docs/operations.md.
+    """
+
+    def ReloadModels(self, request, context):
+        """Reads the model repository again: new versions are loaded, changed ones reloaded (a version that fails keeps
+        its loaded copy serving), versions the version policy no longer serves are retired (their sessions drain).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Serves a model again after UnloadModel; with `version`, serves that version beside the policy's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Retires a model (every version), or one version; sessions pinned to it drain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelAdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReloadModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModels,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.LoadModelRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.UnloadModelRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lstm.v1.ModelAdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelAdminService(object):
+    """====================================================================================================================
+    Model lifecycle (issue 13): load, unload and reload models without a restart. Every call needs an admin token
+    (--admin-tokens-file), or, for local development only, --admin-loopback and a call from 127.0.0.1 / ::1; otherwise
+    PERMISSION_DENIED (UNAUTHENTICATED without any token). With several --workers each process keeps its own models:
+    use the file watch (--model-poll-interval), see docs/operations.md.
+    """
+
+    @staticmethod
+    def ReloadModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.ModelAdminService/ReloadModels',
+            lstm_dot_v1_dot_lstm__pb2.ReloadModelsRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.ModelAdminService/LoadModel',
+            lstm_dot_v1_dot_lstm__pb2.LoadModelRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.ModelAdminService/UnloadModel',
+            lstm_dot_v1_dot_lstm__pb2.UnloadModelRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

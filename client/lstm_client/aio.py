@@ -13,7 +13,7 @@ import grpc.aio
 import numpy.typing as npt
 
 from lstm_client import _calls, _retry
-from lstm_client._calls import ModelFailure, ModelInfo, Prediction, SessionInfo
+from lstm_client._calls import Forecast, Gates, ModelFailure, ModelInfo, Prediction, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.client import DEFAULT_OPTIONS
@@ -91,19 +91,30 @@ class AsyncClient:
         return _calls.model_info(await self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name)))
 
     async def create_session(
-        self, model: str, *, ttl: float | timedelta | None = None, session_id: str | None = None
+        self,
+        model: str,
+        *,
+        ttl: float | timedelta | None = None,
+        session_id: str | None = None,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
     ) -> AsyncSession:
         """See `Client.create_session`: retried only with a client-chosen `session_id`."""
-        request = _calls.create_session_request(model, ttl, session_id)
+        request = _calls.create_session_request(model, ttl, session_id, h0, c0)
+        return AsyncSession(self, await self._create("CreateSession", request, session_id, model))
+
+    async def _create(self, method: str, request: object, session_id: str | None, model: str | None) -> SessionInfo:
+        """See `Client._create`."""
         if session_id is None:
-            return AsyncSession(self, _calls.session_info(await self._invoke("CreateSession", request, retry=False)))
+            return _calls.session_info(await self._invoke(method, request, retry=False))
+        rpc = getattr(self._stub, method)
         metadata = self._metadata(session_id)
         failed_before = False
 
         async def attempt() -> Any:
             nonlocal failed_before
             try:
-                return await self._stub.CreateSession(request, timeout=self.timeout, metadata=metadata)
+                return await rpc(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 if not (failed_before and exc.code() == grpc.StatusCode.ALREADY_EXISTS):
                     failed_before = True
@@ -116,7 +127,37 @@ class AsyncClient:
                 raise taken
             return found
 
-        return AsyncSession(self, _calls.session_info(await self._run(attempt)))
+        return _calls.session_info(await self._run(attempt))
+
+    async def forecast(
+        self,
+        inputs: npt.ArrayLike,
+        *,
+        session_id: str | None = None,
+        model: str | None = None,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
+    ) -> Forecast:
+        """See `Client.forecast`."""
+        request = _calls.forecast_request(inputs, session_id=session_id, model=model, h0=h0, c0=c0)
+        return _calls.forecast(await self._invoke("Forecast", request, affinity=session_id))
+
+    async def fork_session(
+        self, session_id: str, *, new_session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> AsyncSession:
+        request = _calls.fork_request(session_id, new_session_id, ttl)
+        return AsyncSession(self, await self._create("ForkSession", request, new_session_id, None))
+
+    async def export_session(self, session_id: str) -> bytes:
+        request = lstm_pb2.ExportSessionRequest(session_id=session_id)
+        blob: bytes = (await self._invoke("ExportSession", request, affinity=session_id)).blob
+        return blob
+
+    async def import_session(
+        self, blob: bytes, *, session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> AsyncSession:
+        request = _calls.import_request(blob, session_id, ttl)
+        return AsyncSession(self, await self._create("ImportSession", request, session_id, None))
 
     async def session(self, session_id: str) -> AsyncSession:
         return AsyncSession(self, await self.session_info(session_id))
@@ -168,6 +209,22 @@ class AsyncSession:
 
     async def info(self) -> SessionInfo:
         return await self._client.session_info(self.id)
+
+    async def step_with_gates(self, x: npt.ArrayLike) -> tuple[FloatArray, Gates | None]:
+        request = _calls.gated_step_request(self.id, self.seq + 1, x)
+        reply = await self._client._invoke("Step", request, affinity=self.id)
+        outputs = _calls.step_outputs(reply)
+        self.seq += 1
+        return outputs, _calls.step_gates(reply)
+
+    async def forecast(self, inputs: npt.ArrayLike) -> Forecast:
+        return await self._client.forecast(inputs, session_id=self.id)
+
+    async def fork(self, *, new_session_id: str | None = None, ttl: float | timedelta | None = None) -> AsyncSession:
+        return await self._client.fork_session(self.id, new_session_id=new_session_id, ttl=ttl)
+
+    async def export_state(self) -> bytes:
+        return await self._client.export_session(self.id)
 
     async def reset(self) -> SessionInfo:
         request = lstm_pb2.ResetSessionRequest(session_id=self.id)

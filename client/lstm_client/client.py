@@ -13,7 +13,7 @@ import grpc
 import numpy.typing as npt
 
 from lstm_client import _calls, _retry
-from lstm_client._calls import ModelFailure, ModelInfo, Prediction, SessionInfo
+from lstm_client._calls import Forecast, Gates, ModelFailure, ModelInfo, Prediction, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.errors import SessionGone, error_from_detail
@@ -112,25 +112,38 @@ class Client:
         return _calls.model_info(self._invoke("GetModel", lstm_pb2.GetModelRequest(name=name)))
 
     def create_session(
-        self, model: str, *, ttl: float | timedelta | None = None, session_id: str | None = None
+        self,
+        model: str,
+        *,
+        ttl: float | timedelta | None = None,
+        session_id: str | None = None,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
     ) -> Session:
-        """A new session; `ttl=0` never expires by idleness.
+        """A new session; `ttl=0` never expires by idleness; `h0` / `c0` ([num_layers, hidden_size]) its initial
+        state, zeros by default.
 
         With a `session_id` of your choosing the call is retried like any other: should a lost reply have created
         it already, the retry's ALREADY_EXISTS is taken as success when the session there is untouched (seq 0) and of
         this model. Without one it is tried once: the server picks the id, so a retry after a lost reply would leave
         a second, orphaned session behind.
         """
-        request = _calls.create_session_request(model, ttl, session_id)
+        request = _calls.create_session_request(model, ttl, session_id, h0, c0)
+        return Session(self, self._create("CreateSession", request, session_id, model))
+
+    def _create(self, method: str, request: object, session_id: str | None, model: str | None) -> SessionInfo:
+        """A call that creates a session (CreateSession, ForkSession, ImportSession), retried only with a
+        client-chosen id (see `create_session`)."""
         if session_id is None:
-            return Session(self, _calls.session_info(self._invoke("CreateSession", request, retry=False)))
+            return _calls.session_info(self._invoke(method, request, retry=False))
+        rpc = getattr(self._stub, method)
         metadata = self._metadata(session_id)
         failed_before = False
 
         def attempt() -> Any:
             nonlocal failed_before
             try:
-                return self._stub.CreateSession(request, timeout=self.timeout, metadata=metadata)
+                return rpc(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 if not (failed_before and exc.code() == grpc.StatusCode.ALREADY_EXISTS):
                     failed_before = True
@@ -143,7 +156,42 @@ class Client:
                 raise taken
             return found
 
-        return Session(self, _calls.session_info(self._run(attempt)))
+        return _calls.session_info(self._run(attempt))
+
+    def forecast(
+        self,
+        inputs: npt.ArrayLike,
+        *,
+        session_id: str | None = None,
+        model: str | None = None,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
+    ) -> Forecast:
+        """Rolls forward len(inputs) steps from a session's state, or a model's (h0, c0, zeros by default), without
+        committing anything. Row 0 of `inputs` is complete; in later rows the fed-back features may be NaN."""
+        request = _calls.forecast_request(inputs, session_id=session_id, model=model, h0=h0, c0=c0)
+        return _calls.forecast(self._invoke("Forecast", request, affinity=session_id))
+
+    def fork_session(
+        self, session_id: str, *, new_session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> Session:
+        """A new session from `session_id`'s current state (seq 0); retried like `create_session`."""
+        request = _calls.fork_request(session_id, new_session_id, ttl)
+        return Session(self, self._create("ForkSession", request, new_session_id, None))
+
+    def export_session(self, session_id: str) -> bytes:
+        """The session's state as a blob for `import_session` on any server serving the same model."""
+        request = lstm_pb2.ExportSessionRequest(session_id=session_id)
+        blob: bytes = self._invoke("ExportSession", request, affinity=session_id).blob
+        return blob
+
+    def import_session(
+        self, blob: bytes, *, session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> Session:
+        """A new session (seq 0) from an exported blob; retried like `create_session`."""
+        return Session(
+            self, self._create("ImportSession", _calls.import_request(blob, session_id, ttl), session_id, None)
+        )
 
     def session(self, session_id: str) -> Session:
         """Attaches to an existing session (for example after a client restart), continuing from its seq."""
@@ -201,6 +249,24 @@ class Session:
 
     def info(self) -> SessionInfo:
         return self._client.session_info(self.id)
+
+    def step_with_gates(self, x: npt.ArrayLike) -> tuple[FloatArray, Gates | None]:
+        """`step`, also returning the cell's internals (None when the server answered a retry from its stored reply)."""
+        request = _calls.gated_step_request(self.id, self.seq + 1, x)
+        reply = self._client._invoke("Step", request, affinity=self.id)
+        outputs = _calls.step_outputs(reply)
+        self.seq += 1
+        return outputs, _calls.step_gates(reply)
+
+    def forecast(self, inputs: npt.ArrayLike) -> Forecast:
+        """A forecast from this session's current state; the session is not changed."""
+        return self._client.forecast(inputs, session_id=self.id)
+
+    def fork(self, *, new_session_id: str | None = None, ttl: float | timedelta | None = None) -> Session:
+        return self._client.fork_session(self.id, new_session_id=new_session_id, ttl=ttl)
+
+    def export_state(self) -> bytes:
+        return self._client.export_session(self.id)
 
     def reset(self) -> SessionInfo:
         """Zeroes the state (h, c of every layer); seq goes on counting."""

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, bytes."
     )
     max_steps_per_request: int = Field(4096, ge=1, description="Time steps at most in one Step/Predict request.")
+    max_forecast_horizon: int = Field(1024, ge=1, description="Steps at most that one Forecast request rolls forward.")
     max_concurrent_rpcs: int = Field(
         4096,
         ge=1,

@@ -6,17 +6,21 @@ layer. Raises only the domain errors of lstm_serve.errors.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from lstm_serve import state_blob
 from lstm_serve.batching import Batcher
 from lstm_serve.coalesce import Coalescer
 from lstm_serve.engine.cell import F32
+from lstm_serve.engine.forecast import check_forecast_inputs, roll_forward
+from lstm_serve.engine.gates import GateTrace
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.repository import Repository
 from lstm_serve.errors import (
@@ -26,6 +30,7 @@ from lstm_serve.errors import (
     ModelNotFound,
     SequenceMismatch,
     SessionNotFound,
+    StateMismatch,
     StoreUnavailable,
 )
 from lstm_serve.keyed_lock import KeyedLock
@@ -44,7 +49,20 @@ from lstm_serve.sessions.store import TENANT_NAME as TENANT_NAME  # what a trans
 from lstm_serve.sessions.store import LoadResult
 
 # The types of this API, for the transports (which import nothing past this module).
-__all__ = ["F32", "TENANT_NAME", "DataPlane", "Limits", "ModelInfo", "Session", "StepOutcome"]
+__all__ = [
+    "F32",
+    "TENANT_NAME",
+    "DataPlane",
+    "ForecastOutcome",
+    "GateTrace",
+    "GatedStepOutcome",
+    "Limits",
+    "ModelInfo",
+    "Session",
+    "StepOutcome",
+]
+
+_T = TypeVar("_T")
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
 MAX_COMMIT_ATTEMPTS = 4  # a step recomputed after losing its compare-and-set this often is answered UNAVAILABLE
@@ -58,6 +76,7 @@ class Limits:
     inline_max_parameters: int = 200_000
     inline_max_steps: int = 32
     max_sessions_per_tenant: int = 0  # store-wide; 0 = no limit
+    max_forecast_horizon: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +84,23 @@ class StepOutcome:
     session_id: str
     seq: int
     outputs: F32  # (O,) or (T, O), following the request
+
+
+@dataclass(frozen=True, slots=True)
+class GatedStepOutcome:
+    session_id: str
+    seq: int
+    outputs: F32  # (O,) or (T, O), following the request
+    gates: GateTrace | None  # None for a retry answered from the stored reply
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastOutcome:
+    outputs: F32  # (N, O)
+    inputs: F32  # (N, I), the fed-back columns filled in
+    h: F32  # (L, H) after the last step; nothing is committed
+    c: F32
+    seq: int  # the session's seq the forecast started from (0 for a model's state)
 
 
 class DataPlane:
@@ -80,6 +116,7 @@ class DataPlane:
         self.store = store
         self.metrics = metrics
         self.limits = limits
+        self._executor = executor
         self._locks = KeyedLock()
         # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
         # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
@@ -158,15 +195,31 @@ class DataPlane:
     # exactly as an id that never existed. The sessions returned, and every message, name the client's own id.
 
     async def create_session(
-        self, model_name: str, session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+        self,
+        model_name: str,
+        session_id: str | None,
+        idle_ttl: float | None,
+        *,
+        tenant: str = "",
+        h0: F32 | None = None,
+        c0: F32 | None = None,
     ) -> Session:
+        """A new session, from the zero state or from `h0` / `c0` ((L, H) each, finite; either may be given)."""
+        model = self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
+        given = h0 is not None or c0 is not None
+        state = _initial_state(model, h0, c0).tobytes() if given else self._zero_states[model_name]
+        return await self._create(model_name, state, session_id, idle_ttl, tenant)
+
+    async def _create(
+        self, model_name: str, state: bytes, session_id: str | None, idle_ttl: float | None, tenant: str
+    ) -> Session:
+        """A new session of `model_name` whose record starts as `state` (seq 0, no stored reply)."""
         if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
             raise InvalidInput(f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}")
-        self.model(model_name)  # NOT_FOUND, with the reason, for an unknown or broken model
         client_id = session_id or new_session_id()
         session = await self.store.create(
             model_name,
-            self._zero_states[model_name],
+            state,
             session_key(tenant, client_id),
             idle_ttl,
             tenant_limit=self.limits.max_sessions_per_tenant,
@@ -303,18 +356,163 @@ class DataPlane:
         if x.ndim != 2:
             raise InvalidInput(f"inputs must have shape [T, {info.input_size}], got {list(x.shape)}")
         xs, _ = self._check_inputs(x, info)
-        state = model.zero_state()
-        for i, (name, given) in enumerate((("h0", h0), ("c0", c0))):
-            if given is None:
-                continue
-            if given.shape != state.shape[1:]:
-                raise InvalidInput(f"{name} must have shape {list(state.shape[1:])}, got {list(given.shape)}")
-            if not np.all(np.isfinite(given)):
-                raise InvalidInput(f"{name} contains NaN or Inf")
-            state[i] = given
+        state = _initial_state(model, h0, c0)
         ys, final = await self._batchers[info.name].submit(xs, state)
         _check_finite(ys, final)
         return ys, final[0], final[1]
+
+    # --- issue 13: forecasts, forks, portable state, gates ------------------------------------------------------
+    #
+    # Separate from the step path above (which stays as it is): these are read-only (forecast, export), create a
+    # session like create_session does (fork, import), or branch off before the step path (a step with its gates).
+
+    async def forecast(
+        self,
+        x: F32,
+        *,
+        session_id: str | None = None,
+        model_name: str | None = None,
+        h0: F32 | None = None,
+        c0: F32 | None = None,
+        tenant: str = "",
+    ) -> ForecastOutcome:
+        """Rolls a model forward len(x) steps from a session's current state, or from (h0, c0) (zeros by default)
+        of `model_name`, feeding the model's declared outputs back as inputs (engine/forecast.py). Commits nothing:
+        the session's state and seq are untouched."""
+        if (session_id is None) == (model_name is None):
+            raise InvalidInput("a forecast names either a session or a model, not both or neither")
+        seq = 0
+        if session_id is not None:
+            if h0 is not None or c0 is not None:
+                raise InvalidInput("a forecast from a session starts from its state: h0 and c0 must be unset")
+            session = await self._load(session_key(tenant, session_id), session_id, fresh=True)
+            model = self.model(session.model)
+            state = np.array(session.state_array(model.info.state_shape))
+            seq = session.seq
+        else:
+            assert model_name is not None
+            model = self.model(model_name)
+            state = _initial_state(model, h0, c0)
+        info = model.info
+        xs = check_forecast_inputs(x, info.feedback, info.input_size, self.limits.max_forecast_horizon)
+
+        def run_one(x_row: F32, s: F32) -> tuple[F32, F32]:
+            [(y, new_state)] = model.run_batch([x_row], [s])
+            return y, new_state
+
+        ys, used, final = await self._compute(
+            info, len(xs), functools.partial(roll_forward, run_one, xs, state, info.feedback)
+        )
+        if not (np.isfinite(ys).all() and np.isfinite(final).all()):
+            raise InvalidInput("the forecast overflows to Inf or NaN (inputs too large, or the model diverges)")
+        return ForecastOutcome(ys, used, final[0], final[1], seq)
+
+    async def _compute(self, info: ModelInfo, steps: int, work: Callable[[], _T]) -> _T:
+        """`work` on the event loop when small (as the batcher decides for steps), else in the compute threads."""
+        small = info.parameters <= self.limits.inline_max_parameters and steps <= self.limits.inline_max_steps
+        if small or self._executor is None:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def fork_session(
+        self, session_id: str, new_session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+    ) -> Session:
+        """A new session (of the same tenant) starting from `session_id`'s current state, at seq 0."""
+        key = session_key(tenant, session_id)
+        await self._locks.acquire(key)  # the state of a whole step, never of one half-committed
+        try:
+            source = await self._load(key, session_id, fresh=True)
+        finally:
+            self._locks.release(key)
+        model = self.model(source.model)
+        state = source.state_array(model.info.state_shape).tobytes()
+        return await self._create(source.model, state, new_session_id, idle_ttl, tenant)
+
+    async def export_session(self, session_id: str, *, tenant: str = "") -> tuple[bytes, Session]:
+        """The session's current state as a blob (state_blob.py) pinned to its model's name, version and weights."""
+        key = session_key(tenant, session_id)
+        session = await self._load(key, session_id, fresh=True)
+        model = self.model(session.model)
+        info = model.info
+        header = state_blob.BlobHeader(
+            model=info.name,
+            version=info.version,
+            fingerprint=model.fingerprint,
+            num_layers=info.num_layers,
+            hidden_size=info.hidden_size,
+            dtype=state_blob.DTYPE,
+            seq=session.seq,
+            steps=session.steps,
+        )
+        blob = state_blob.encode(header, session.state_array(info.state_shape).tobytes())
+        return blob, _as_seen_by_client(session, session_id)
+
+    async def import_session(
+        self, blob: bytes, session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+    ) -> Session:
+        """A new session from an exported blob, refused unless the blob is intact (InvalidInput) and of the very
+        model served here under its name (StateMismatch)."""
+        header, state = state_blob.decode(blob)
+        model = self.repository.models.get(header.model)
+        if model is None:
+            raise StateMismatch(
+                f"the session state is of model {header.model[:128]!r}, which this server does not serve"
+            )
+        info = model.info
+        if (header.num_layers, header.hidden_size) != (info.num_layers, info.hidden_size):
+            raise StateMismatch(
+                f"the session state has {header.num_layers} layers of {header.hidden_size}; model {info.name!r} "
+                f"has {info.num_layers} of {info.hidden_size}"
+            )
+        if header.fingerprint != model.fingerprint:
+            raise StateMismatch(
+                f"the session state is of other weights of model {info.name!r} (version {header.version[:64]!r}, "
+                f"fingerprint {header.fingerprint[:12]}...; served: version {info.version!r}, "
+                f"fingerprint {model.fingerprint[:12]}...)"
+            )
+        if not np.isfinite(np.frombuffer(state, dtype="<f4")).all():
+            raise InvalidInput("the session state contains NaN or Inf")
+        return await self._create(info.name, state, session_id, idle_ttl, tenant)
+
+    async def step_with_gates(self, session_id: str, seq: int, x: F32, *, tenant: str = "") -> GatedStepOutcome:
+        """`step`, answering also the cell's internals of every time step (engine/gates.py): the same lock, the same
+        decision on seq (a retry replays the stored outputs, without gates: the state they came from is gone), the
+        same compare-and-set commit of the served computation's state. The gates come from a second computation
+        from the same previous state, paid only here."""
+        key = session_key(tenant, session_id)
+        await self._locks.acquire(key)
+        try:
+            session = await self._load(key, session_id, fresh=True)
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                model = self.model(session.model)
+                info = model.info
+                xs, single = self._check_inputs(x, info)
+                digest = input_digest(xs)
+                if seq != session.seq + 1:
+                    outputs = self._replay(session, session_id, seq, digest, info)
+                    return GatedStepOutcome(session_id, seq, outputs[0] if single else outputs, None)
+                cell = await asyncio.to_thread(model.gate_cell)  # built once; Unsupported before anything runs
+                previous = np.array(session.state_array(info.state_shape))
+                ys, new_state = await self._batchers[info.name].submit(xs, previous)
+                _check_finite(ys, new_state)
+                trace = await self._compute(info, len(xs), functools.partial(cell.trace, xs, previous))
+                outputs = ys[0] if single else ys
+                after = session.stepped(seq, new_state, outputs, digest, self.store.now())
+                result = await self._commit(StepWrite(session, after))
+                if isinstance(result, Session):
+                    self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
+                    return GatedStepOutcome(session_id, seq, outputs, trace)
+                if isinstance(result, LstmServeError):
+                    raise result
+                self.metrics.child(self.metrics.commit_conflicts, info.name).inc()
+                if result.current.created != session.created:
+                    raise SessionNotFound(
+                        f"session {session_id!r} ended while this step was computing; the id names a new session now"
+                    )
+                session = await self._fitting(result.current, key, session_id)
+            raise StoreUnavailable(f"session {session_id!r} is being changed elsewhere; retry")
+        finally:
+            self._locks.release(key)
 
     def _check_inputs(self, x: F32, info: ModelInfo) -> tuple[F32, bool]:
         """Returns x as (T, I) and whether the request held a single step; raises InvalidInput with the reason."""
@@ -339,6 +537,20 @@ class DataPlane:
             bad = np.argwhere(~np.isfinite(xs))[0]
             raise InvalidInput(f"inputs contain NaN or Inf (first at step {bad[0]}, feature {bad[1]})")
         return xs, single
+
+
+def _initial_state(model: Model, h0: F32 | None, c0: F32 | None) -> F32:
+    """A state (2, L, H) from the caller's h0 and c0 ((L, H) each, zeros where not given), checked."""
+    state = model.zero_state()
+    for i, (name, given) in enumerate((("h0", h0), ("c0", c0))):
+        if given is None:
+            continue
+        if given.shape != state.shape[1:]:
+            raise InvalidInput(f"{name} must have shape {list(state.shape[1:])}, got {list(given.shape)}")
+        if not np.all(np.isfinite(given)):
+            raise InvalidInput(f"{name} contains NaN or Inf")
+        state[i] = given
+    return state
 
 
 def _check_finite(outputs: F32, state: F32) -> None:

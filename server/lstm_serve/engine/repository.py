@@ -21,18 +21,19 @@ import logging
 import os
 import tomllib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lstm_serve.engine import files
+from lstm_serve.engine.forecast import parse_forecast_table
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.npz import load_npz
 from lstm_serve.engine.numpy_backend import NumpyBackend
 from lstm_serve.engine.onnx_backend import OnnxBackend, OnnxIO
-from lstm_serve.engine.weights import Normalization
+from lstm_serve.engine.weights import ModelWeights, Normalization
 from lstm_serve.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "model.toml"
 BACKENDS = ("numpy", "onnx")
 _KEYS = {"name", "version", "description", "backend", "weights", "input_features", "output_features"}
-_TABLES = {"normalization", "onnx"}
+_TABLES = {"normalization", "onnx", "forecast"}
 _NORM_KEYS = ("input_mean", "input_std", "output_mean", "output_std")
 _ONNX_KEYS = {"input", "h0", "c0", "output", "hn", "cn", "layout"}
 
@@ -56,6 +57,7 @@ class ModelConfig:
     output_features: tuple[str, ...] = ()
     normalization: dict[str, list[float]] = field(default_factory=dict)
     onnx: dict[str, str] = field(default_factory=dict)
+    forecast: dict[str, Any] = field(default_factory=dict)  # [forecast]: checked against the model at load
 
     @classmethod
     def read(cls, directory: Path) -> ModelConfig:
@@ -86,6 +88,9 @@ class ModelConfig:
         onnx_table = raw.get("onnx", {})
         if set(onnx_table) - _ONNX_KEYS:
             raise error(f"unknown keys in [onnx] {sorted(set(onnx_table) - _ONNX_KEYS)}")
+        forecast = raw.get("forecast", {})
+        if not isinstance(forecast, dict):
+            raise error("[forecast] must be a table (feedback = {input = output}, increments = {...})")
         norm = raw.get("normalization", {})
         if norm and sorted(norm) != sorted(_NORM_KEYS):
             raise error(f"[normalization] needs exactly {list(_NORM_KEYS)}, found {sorted(norm)}")
@@ -104,6 +109,7 @@ class ModelConfig:
             output_features=tuple(str(f) for f in raw.get("output_features", [])),
             normalization={k: [float(v) for v in norm[k]] for k in norm},
             onnx={k: str(v) for k, v in onnx_table.items()},
+            forecast=dict(forecast),
         )
 
     def onnx_io(self) -> OnnxIO:
@@ -119,6 +125,30 @@ def load_model(directory: Path, onnx_threads: int = 1, config: ModelConfig | Non
     names is confined to `directory`."""
     if config is None:
         config = ModelConfig.read(directory)
+    model = _load_model(directory, onnx_threads, config)
+    if config.forecast:
+        i = model.info
+        try:
+            links = parse_forecast_table(
+                config.forecast, i.input_features, i.output_features, i.input_size, i.output_size
+            )
+        except ModelLoadError as exc:
+            path = directory / CONFIG_FILE
+            public = files.one_line(f"{CONFIG_FILE}: {exc.message}")
+            raise ModelLoadError(f"{path}: {exc.message}", public=public) from None
+        model.info = replace(model.info, feedback=links)
+    return model
+
+
+def _onnx_weights(path: Path) -> ModelWeights:
+    """The weights inside an ONNX graph (for the gate computation only). Imported here, when first needed: the
+    converters sit above the engine."""
+    from lstm_serve.convert.onnx_graph import weights_from_onnx
+
+    return weights_from_onnx(path)
+
+
+def _load_model(directory: Path, onnx_threads: int, config: ModelConfig) -> Model:
     if config.backend == "numpy":
         weights = load_npz(config.weights, directory)
         return Model.from_weights(
@@ -161,7 +191,7 @@ def load_model(directory: Path, onnx_threads: int = 1, config: ModelConfig | Non
         normalized=norm is not None,
         parameters=backend.parameters,
     )
-    return Model(info, backend, norm)
+    return Model(info, backend, norm, weights=lambda: _onnx_weights(config.weights), fingerprint=backend.fingerprint)
 
 
 INTERNAL_FAILURE = "internal error while loading the model (details in the server log)"

@@ -17,7 +17,7 @@ import grpc.aio
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_serve.dataplane import DataPlane
-from lstm_serve.errors import LstmServeError, ShuttingDown
+from lstm_serve.errors import InvalidInput, LstmServeError, ShuttingDown
 from lstm_serve.service import codec
 from lstm_serve.service.calls import TENANT, Calls, Context, parse, peer_host, request_id
 from lstm_serve.service.status import INTERNAL_MESSAGE, error_detail, error_metadata, status_code
@@ -46,6 +46,11 @@ class LstmServicer:
             "CloseSession": (lstm_pb2.CloseSessionRequest, self.CloseSession),
             "Step": (lstm_pb2.StepRequest, self.Step),
             "Predict": (lstm_pb2.PredictRequest, self.Predict),
+            # issue 13
+            "Forecast": (lstm_pb2.ForecastRequest, self.Forecast),
+            "ForkSession": (lstm_pb2.ForkSessionRequest, self.ForkSession),
+            "ExportSession": (lstm_pb2.ExportSessionRequest, self.ExportSession),
+            "ImportSession": (lstm_pb2.ImportSessionRequest, self.ImportSession),
         }
         serialize = lstm_pb2.StepReply.SerializeToString
         handlers = {
@@ -66,7 +71,11 @@ class LstmServicer:
 
     async def CreateSession(self, request: lstm_pb2.CreateSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
         ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
-        session = await self.plane.create_session(request.model, request.session_id or None, ttl, tenant=TENANT.get())
+        h0 = codec.decode_tensor(request.h0, "h0") if request.HasField("h0") else None
+        c0 = codec.decode_tensor(request.c0, "c0") if request.HasField("c0") else None
+        session = await self.plane.create_session(
+            request.model, request.session_id or None, ttl, tenant=TENANT.get(), h0=h0, c0=c0
+        )
         return codec.session_info(session)
 
     async def GetSession(self, request: lstm_pb2.GetSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
@@ -82,6 +91,8 @@ class LstmServicer:
         return lstm_pb2.CloseSessionResponse(session=codec.session_info(session))
 
     async def Step(self, request: lstm_pb2.StepRequest, context: Context) -> lstm_pb2.StepResponse:
+        if request.with_gates:
+            return await self._step_with_gates(request)
         x = codec.decode_tensor(request.inputs, "inputs")
         outcome = await self.plane.step(request.session_id, request.seq, x, tenant=TENANT.get())
         return lstm_pb2.StepResponse(
@@ -94,6 +105,56 @@ class LstmServicer:
         c0 = codec.decode_tensor(request.c0, "c0") if request.HasField("c0") else None
         ys, h, c = await self.plane.predict(request.model, x, h0, c0)
         return lstm_pb2.PredictResponse(outputs=codec.to_tensor(ys), h=codec.to_tensor(h), c=codec.to_tensor(c))
+
+    # --- issue 13 -------------------------------------------------------------------------------------------------
+
+    async def _step_with_gates(self, request: lstm_pb2.StepRequest) -> lstm_pb2.StepResponse:
+        x = codec.decode_tensor(request.inputs, "inputs")
+        outcome = await self.plane.step_with_gates(request.session_id, request.seq, x, tenant=TENANT.get())
+        response = lstm_pb2.StepResponse(
+            session_id=outcome.session_id, seq=outcome.seq, outputs=codec.to_tensor(outcome.outputs)
+        )
+        if outcome.gates is not None:
+            response.gates.CopyFrom(codec.gates(outcome.gates))
+        return response
+
+    async def Forecast(self, request: lstm_pb2.ForecastRequest, context: Context) -> lstm_pb2.ForecastResponse:
+        x = codec.decode_tensor(request.inputs, "inputs")
+        h0 = codec.decode_tensor(request.h0, "h0") if request.HasField("h0") else None
+        c0 = codec.decode_tensor(request.c0, "c0") if request.HasField("c0") else None
+        outcome = await self.plane.forecast(
+            x,
+            session_id=request.session_id or None,
+            model_name=request.model or None,
+            h0=h0,
+            c0=c0,
+            tenant=TENANT.get(),
+        )
+        return lstm_pb2.ForecastResponse(
+            outputs=codec.to_tensor(outcome.outputs),
+            inputs=codec.to_tensor(outcome.inputs),
+            h=codec.to_tensor(outcome.h),
+            c=codec.to_tensor(outcome.c),
+            seq=outcome.seq,
+        )
+
+    async def ForkSession(self, request: lstm_pb2.ForkSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
+        ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
+        session = await self.plane.fork_session(
+            request.session_id, request.new_session_id or None, ttl, tenant=TENANT.get()
+        )
+        return codec.session_info(session)
+
+    async def ExportSession(
+        self, request: lstm_pb2.ExportSessionRequest, context: Context
+    ) -> lstm_pb2.ExportSessionResponse:
+        blob, session = await self.plane.export_session(request.session_id, tenant=TENANT.get())
+        return lstm_pb2.ExportSessionResponse(blob=blob, session=codec.session_info(session))
+
+    async def ImportSession(self, request: lstm_pb2.ImportSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
+        ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
+        session = await self.plane.import_session(request.blob, request.session_id or None, ttl, tenant=TENANT.get())
+        return codec.session_info(session)
 
     async def StreamSteps(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[lstm_pb2.StepReply]:
         """Requests are handled concurrently, so that the sessions sharing a stream batch together, and answered as
@@ -179,6 +240,8 @@ class LstmServicer:
             request = parse(lstm_pb2.StepRequest, data)
             reply.session_id, reply.seq = request.session_id, request.seq
             self.calls.charge()
+            if request.with_gates:
+                raise InvalidInput("with_gates is answered by Step only, not over StreamSteps")
             x = codec.decode_tensor(request.inputs, "inputs")
             outcome = await self.plane.step(request.session_id, request.seq, x, tenant=tenant)
             reply.outputs.CopyFrom(codec.to_tensor(outcome.outputs))

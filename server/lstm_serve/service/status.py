@@ -18,8 +18,10 @@ from lstm_serve.errors import (
     SessionExists,
     SessionNotFound,
     ShuttingDown,
+    StateMismatch,
     StoreUnavailable,
     Unauthenticated,
+    Unsupported,
 )
 
 STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
@@ -35,6 +37,8 @@ STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelLoadError: grpc.StatusCode.INTERNAL,
+    StateMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"

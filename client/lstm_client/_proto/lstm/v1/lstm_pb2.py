@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lstm/v1/lstm.proto\x12\x07lstm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpected_seq\x18\x04 \x01(\x04\"\x13\n\x11ListModelsRequest\"e\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure\"/\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xe7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x16\n\x0einput_features\x18\t \x03(\t\x12\x17\n\x0foutput_features\x18\n \x03(\t\x12\x12\n\nnormalized\x18\x0b \x01(\x08\"f\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd5\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"O\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"Q\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"m\n\tStepReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1d\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.lstm.v1.Error\"z\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02h0\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"k\n\x0fPredictResponse\x12 \n\x07outputs\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor2\xd5\x04\n\x0bLstmService\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfo\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12>\n\nGetSession\x12\x1a.lstm.v1.GetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\x0cResetSession\x12\x1c.lstm.v1.ResetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12K\n\x0c\x43loseSession\x12\x1c.lstm.v1.CloseSessionRequest\x1a\x1d.lstm.v1.CloseSessionResponse\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12;\n\x0bStreamSteps\x12\x14.lstm.v1.StepRequest\x1a\x12.lstm.v1.StepReply(\x01\x30\x01\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12lstm/v1/lstm.proto\x12\x07lstm.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0c\x65xpected_seq\x18\x04 \x01(\x04\"\x13\n\x11ListModelsRequest\"e\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\x12+\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x19.lstm.v1.ModelLoadFailure\"/\n\x10ModelLoadFailure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x90\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x16\n\x0einput_features\x18\t \x03(\t\x12\x17\n\x0foutput_features\x18\n \x03(\t\x12\x12\n\nnormalized\x18\x0b \x01(\x08\x12\'\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x0c \x03(\x0b\x32\x15.lstm.v1.FeedbackLink\"\xa0\x01\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x02h0\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x05 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"\xd5\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_used\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08idle_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"c\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x12\n\nwith_gates\x18\x04 \x01(\x08\"p\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1d\n\x05gates\x18\x04 \x01(\x0b\x32\x0e.lstm.v1.Gates\"m\n\tStepReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1d\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x0e.lstm.v1.Error\"z\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02h0\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"k\n\x0fPredictResponse\x12 \n\x07outputs\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\";\n\x0c\x46\x65\x65\x64\x62\x61\x63kLink\x12\r\n\x05input\x18\x01 \x01(\r\x12\x0e\n\x06output\x18\x02 \x01(\r\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\x8f\x01\n\x0f\x46orecastRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1b\n\x02h0\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1b\n\x02\x63\x30\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1f\n\x06inputs\x18\x05 \x01(\x0b\x32\x0f.lstm.v1.Tensor\"\x9a\x01\n\x10\x46orecastResponse\x12 \n\x07outputs\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"m\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"L\n\x15\x45xportSessionResponse\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12%\n\x07session\x18\x02 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"e\n\x14ImportSessionRequest\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12+\n\x08idle_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc5\x01\n\x05Gates\x12\x1f\n\x06\x66orget\x18\x01 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1e\n\x05input\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1f\n\x06output\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\"\n\tcandidate\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01\x63\x18\x05 \x01(\x0b\x32\x0f.lstm.v1.Tensor\x12\x1a\n\x01h\x18\x06 \x01(\x0b\x32\x0f.lstm.v1.Tensor2\xee\x06\n\x0bLstmService\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfo\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12>\n\nGetSession\x12\x1a.lstm.v1.GetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\x0cResetSession\x12\x1c.lstm.v1.ResetSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12K\n\x0c\x43loseSession\x12\x1c.lstm.v1.CloseSessionRequest\x1a\x1d.lstm.v1.CloseSessionResponse\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12;\n\x0bStreamSteps\x12\x14.lstm.v1.StepRequest\x1a\x12.lstm.v1.StepReply(\x01\x30\x01\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponse\x12?\n\x08\x46orecast\x12\x18.lstm.v1.ForecastRequest\x1a\x19.lstm.v1.ForecastResponse\x12@\n\x0b\x46orkSession\x12\x1b.lstm.v1.ForkSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12N\n\rExportSession\x12\x1d.lstm.v1.ExportSessionRequest\x1a\x1e.lstm.v1.ExportSessionResponse\x12\x44\n\rImportSession\x12\x1d.lstm.v1.ImportSessionRequest\x1a\x14.lstm.v1.SessionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,29 +46,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_start=386
   _globals['_GETMODELREQUEST']._serialized_end=417
   _globals['_MODELINFO']._serialized_start=420
-  _globals['_MODELINFO']._serialized_end=651
-  _globals['_CREATESESSIONREQUEST']._serialized_start=653
-  _globals['_CREATESESSIONREQUEST']._serialized_end=755
-  _globals['_SESSIONINFO']._serialized_start=758
-  _globals['_SESSIONINFO']._serialized_end=971
-  _globals['_GETSESSIONREQUEST']._serialized_start=973
-  _globals['_GETSESSIONREQUEST']._serialized_end=1012
-  _globals['_RESETSESSIONREQUEST']._serialized_start=1014
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1055
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1057
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1098
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1100
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1161
-  _globals['_STEPREQUEST']._serialized_start=1163
-  _globals['_STEPREQUEST']._serialized_end=1242
-  _globals['_STEPRESPONSE']._serialized_start=1244
-  _globals['_STEPRESPONSE']._serialized_end=1325
-  _globals['_STEPREPLY']._serialized_start=1327
-  _globals['_STEPREPLY']._serialized_end=1436
-  _globals['_PREDICTREQUEST']._serialized_start=1438
-  _globals['_PREDICTREQUEST']._serialized_end=1560
-  _globals['_PREDICTRESPONSE']._serialized_start=1562
-  _globals['_PREDICTRESPONSE']._serialized_end=1669
-  _globals['_LSTMSERVICE']._serialized_start=1672
-  _globals['_LSTMSERVICE']._serialized_end=2269
+  _globals['_MODELINFO']._serialized_end=692
+  _globals['_CREATESESSIONREQUEST']._serialized_start=695
+  _globals['_CREATESESSIONREQUEST']._serialized_end=855
+  _globals['_SESSIONINFO']._serialized_start=858
+  _globals['_SESSIONINFO']._serialized_end=1071
+  _globals['_GETSESSIONREQUEST']._serialized_start=1073
+  _globals['_GETSESSIONREQUEST']._serialized_end=1112
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1114
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1155
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1157
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1198
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1200
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1261
+  _globals['_STEPREQUEST']._serialized_start=1263
+  _globals['_STEPREQUEST']._serialized_end=1362
+  _globals['_STEPRESPONSE']._serialized_start=1364
+  _globals['_STEPRESPONSE']._serialized_end=1476
+  _globals['_STEPREPLY']._serialized_start=1478
+  _globals['_STEPREPLY']._serialized_end=1587
+  _globals['_PREDICTREQUEST']._serialized_start=1589
+  _globals['_PREDICTREQUEST']._serialized_end=1711
+  _globals['_PREDICTRESPONSE']._serialized_start=1713
+  _globals['_PREDICTRESPONSE']._serialized_end=1820
+  _globals['_FEEDBACKLINK']._serialized_start=1822
+  _globals['_FEEDBACKLINK']._serialized_end=1881
+  _globals['_FORECASTREQUEST']._serialized_start=1884
+  _globals['_FORECASTREQUEST']._serialized_end=2027
+  _globals['_FORECASTRESPONSE']._serialized_start=2030
+  _globals['_FORECASTRESPONSE']._serialized_end=2184
+  _globals['_FORKSESSIONREQUEST']._serialized_start=2186
+  _globals['_FORKSESSIONREQUEST']._serialized_end=2295
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=2297
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=2339
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_start=2341
+  _globals['_EXPORTSESSIONRESPONSE']._serialized_end=2417
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=2419
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=2520
+  _globals['_GATES']._serialized_start=2523
+  _globals['_GATES']._serialized_end=2720
+  _globals['_LSTMSERVICE']._serialized_start=2723
+  _globals['_LSTMSERVICE']._serialized_end=3601
 # @@protoc_insertion_point(module_scope)

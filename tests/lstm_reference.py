@@ -35,7 +35,7 @@ class ReferenceLstm:
         head = (a["head.W"], a["head.b"]) if "head.W" in a else None
         I, O = layers[0][0].shape[1], (head[0].shape[0] if head else layers[0][1].shape[1])
         return cls(
-            layers,  # type: ignore[arg-type]
+            layers,
             head,
             a.get("meta.input_mean", np.zeros(I)),
             a.get("meta.input_std", np.ones(I)),

@@ -153,7 +153,15 @@ def prediction(msg: lstm_pb2.PredictResponse) -> Prediction:
     return Prediction(outputs=from_tensor(msg.outputs), h=from_tensor(msg.h), c=from_tensor(msg.c))
 
 
-# --- issue 13: forecasts, forks, portable state, gates -------------------------------------------------------------
+# --- issue 13: forecasts, forks, portable state, gates, sessions bound to a stream ---------------------------------
+
+# StreamSteps metadata: the sessions the stream steps are closed when it ends (at once when the client ends it;
+# after the server's grace, unless stepped again, when it breaks). Sent again on every reconnect.
+BIND_SESSIONS = ("lstm-bind-sessions", "1")
+
+
+def stream_metadata(metadata: tuple[tuple[str, str], ...] | None, bind: bool) -> tuple[tuple[str, str], ...] | None:
+    return (*(metadata or ()), BIND_SESSIONS) if bind else metadata
 
 
 @dataclass(frozen=True, slots=True)

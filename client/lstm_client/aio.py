@@ -77,9 +77,9 @@ class AsyncClient:
         metadata = self._metadata(affinity)
         return await self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
 
-    def _open_stream(self, *, affinity: str | None) -> Any:
-        """A new StreamSteps call, written to and read from by the caller."""
-        return self._stub.StreamSteps(metadata=self._metadata(affinity))
+    def _open_stream(self, *, affinity: str | None, bind: bool = False) -> Any:
+        """A new StreamSteps call, written to and read from by the caller; see `Client._open_stream`."""
+        return self._stub.StreamSteps(metadata=_calls.stream_metadata(self._metadata(affinity), bind))
 
     async def list_models(self) -> list[ModelInfo]:
         return (await self.list_models_with_failures())[0]
@@ -197,8 +197,11 @@ class AsyncSession:
         self.seq += 1
         return outputs
 
-    async def stream(self, xs: Iterable[npt.ArrayLike] | AsyncIterable[npt.ArrayLike]) -> AsyncIterator[FloatArray]:
-        stream = _AsyncStepStream(self._client, self.id)
+    async def stream(
+        self, xs: Iterable[npt.ArrayLike] | AsyncIterable[npt.ArrayLike], *, bind: bool = False
+    ) -> AsyncIterator[FloatArray]:
+        """See `Session.stream`."""
+        stream = _AsyncStepStream(self._client, self.id, bind=bind)
         try:
             async for x in _aiter(xs):
                 outputs = await stream.exchange(_calls.step_request(self.id, self.seq + 1, x))
@@ -257,15 +260,16 @@ async def _aiter(xs: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
 class _AsyncStepStream:
     """See `lstm_client.client._StepStream`: the same bookkeeping over a grpc.aio call."""
 
-    def __init__(self, client: AsyncClient, session_id: str) -> None:
+    def __init__(self, client: AsyncClient, session_id: str, *, bind: bool = False) -> None:
         self._client = client
         self._session_id = session_id
+        self._bind = bind
         self._unacked: dict[int, lstm_pb2.StepRequest] = {}  # by seq, in sending order
         self._unsent: list[lstm_pb2.StepRequest] = []  # accepted, not yet written on the current call
         self._call: Any = None
 
     def _open(self) -> None:
-        self._call = self._client._open_stream(affinity=self._session_id)
+        self._call = self._client._open_stream(affinity=self._session_id, bind=self._bind)
         self._unsent = list(self._unacked.values())
 
     def _drop(self) -> None:

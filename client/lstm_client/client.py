@@ -98,9 +98,10 @@ class Client:
         metadata = self._metadata(affinity)
         return self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
 
-    def _open_stream(self, requests: Iterator[lstm_pb2.StepRequest], *, affinity: str) -> Any:
-        """A new StreamSteps call fed from `requests`; its replies are iterated."""
-        return self._stub.StreamSteps(requests, metadata=self._metadata(affinity))
+    def _open_stream(self, requests: Iterator[lstm_pb2.StepRequest], *, affinity: str, bind: bool = False) -> Any:
+        """A new StreamSteps call fed from `requests`; its replies are iterated. `bind`: the sessions it steps are
+        closed with it."""
+        return self._stub.StreamSteps(requests, metadata=_calls.stream_metadata(self._metadata(affinity), bind))
 
     def list_models(self) -> list[ModelInfo]:
         return self.list_models_with_failures()[0]
@@ -233,12 +234,14 @@ class Session:
         self.seq += 1
         return outputs
 
-    def stream(self, xs: Iterable[npt.ArrayLike]) -> Iterator[FloatArray]:
+    def stream(self, xs: Iterable[npt.ArrayLike], *, bind: bool = False) -> Iterator[FloatArray]:
         """Steps through `xs` over one bidirectional stream, yielding each prediction as it arrives.
 
         A broken stream is reopened and the unanswered step resent with its seq, so nothing is applied twice.
+        `bind=True`: the server closes the session when this stream ends (when `xs` is exhausted or the iteration is
+        closed; if the connection breaks for good, after the server's --bound-session-grace).
         """
-        stream = _StepStream(self._client, self.id)
+        stream = _StepStream(self._client, self.id, bind=bind)
         try:
             for x in xs:
                 outputs = stream.exchange(_calls.step_request(self.id, self.seq + 1, x))
@@ -301,9 +304,10 @@ class _StepStream:
     request with its original seq: the server answers an already applied one from its stored reply.
     """
 
-    def __init__(self, client: Client, session_id: str) -> None:
+    def __init__(self, client: Client, session_id: str, *, bind: bool = False) -> None:
         self._client = client
         self._session_id = session_id
+        self._bind = bind
         self._unacked: dict[int, lstm_pb2.StepRequest] = {}  # by seq, in sending order
         self._unsent: list[lstm_pb2.StepRequest] = []  # accepted, not yet written on the current call
         self._requests: queue.SimpleQueue[object] | None = None
@@ -318,7 +322,7 @@ class _StepStream:
                 yield item  # type: ignore[misc]
 
         self._requests = requests
-        self._responses = self._client._open_stream(feed(), affinity=self._session_id)
+        self._responses = self._client._open_stream(feed(), affinity=self._session_id, bind=self._bind)
         self._unsent = list(self._unacked.values())
 
     def _drop(self) -> None:

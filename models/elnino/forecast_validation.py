@@ -67,8 +67,8 @@ def main() -> None:
     scores["forecast"] = {
         "description": (
             "12-month forecasts fed back month by month (lstm.v1 Forecast), from every held-out origin month with 12 "
-            "months ahead; naive = persistence (the origin month's value); seasonal naive = the same month a year before. "
-            "Made by forecast_validation.py."
+            "months ahead; naive = persistence (the origin month's value); seasonal naive = the same month a year "
+            "before. Made by forecast_validation.py."
         ),
         "origins": len(origins),
         "horizon_months": list(range(1, HORIZON + 1)),

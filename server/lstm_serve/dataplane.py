@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -77,6 +78,7 @@ class Limits:
     inline_max_steps: int = 32
     max_sessions_per_tenant: int = 0  # store-wide; 0 = no limit
     max_forecast_horizon: int = 1024
+    bound_session_grace: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ class DataPlane:
         self.metrics = metrics
         self.limits = limits
         self._executor = executor
+        self._releases: set[asyncio.Task[None]] = set()  # bound sessions waiting out their grace
+        self._bindings: Counter[str] = Counter()  # session key -> live streams of this process bound to it
         self._locks = KeyedLock()
         # Small models compute on the event loop (a thread hop would cost more than the step), except long requests;
         # big ones in the executor, so the loop keeps serving while they compute, and the batches grow meanwhile.
@@ -154,6 +158,8 @@ class DataPlane:
             metrics.child(metrics.steps, name)
 
     async def close(self) -> None:
+        for release in list(self._releases):
+            release.cancel()
         for batcher in self._batchers.values():
             await batcher.close()
         for coalescer in self._coalescers:
@@ -473,6 +479,49 @@ class DataPlane:
         if not np.isfinite(np.frombuffer(state, dtype="<f4")).all():
             raise InvalidInput("the session state contains NaN or Inf")
         return await self._create(info.name, state, session_id, idle_ttl, tenant)
+
+    def bind(self, bound: set[str], session_id: str, *, tenant: str = "") -> None:
+        """Binds a session to a stream (`bound`: the stream's sessions) once it has stepped on it."""
+        if session_id not in bound:
+            bound.add(session_id)
+            self._bindings[session_key(tenant, session_id)] += 1
+
+    def release_bound(self, session_ids: set[str], *, tenant: str = "", ended_by_client: bool) -> None:
+        """The stream these sessions were bound to has ended. Ended by the client (it half-closed and had every
+        reply): they are closed now. Otherwise (cancelled, broken, the server draining): after the grace, each one
+        not stepped meanwhile - a client that reconnects resends its unanswered steps at once - is closed. Runs in
+        the background; a session already gone is no error."""
+        grace = 0.0 if ended_by_client else self.limits.bound_session_grace
+        for session_id in session_ids:
+            self._bindings[session_key(tenant, session_id)] -= 1
+        self._bindings += Counter()  # drops the keys at zero
+        task = asyncio.get_running_loop().create_task(self._release(sorted(session_ids), tenant, grace))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, session_ids: list[str], tenant: str, grace: float) -> None:
+        seen: dict[str, tuple[int, float]] = {}
+        if grace > 0:
+            for session_id in session_ids:
+                try:
+                    session = await self.get_session(session_id, tenant=tenant)
+                except LstmServeError:
+                    continue
+                seen[session_id] = (session.seq, session.created)
+            await asyncio.sleep(grace)
+        for session_id in session_ids if grace == 0 else list(seen):
+            key = session_key(tenant, session_id)
+            await self._locks.acquire(key)
+            try:
+                if grace > 0:
+                    now = await self._load(key, session_id, fresh=True)
+                    if (now.seq, now.created) != seen[session_id] or self._bindings[key] > 0:
+                        continue  # stepped again, bound to a new stream, or created anew: the client is back
+                await self.store.close(key)
+            except LstmServeError:
+                continue  # gone already, or the store is unreachable: its idle TTL ends it
+            finally:
+                self._locks.release(key)
 
     async def step_with_gates(self, session_id: str, seq: int, x: F32, *, tenant: str = "") -> GatedStepOutcome:
         """`step`, answering also the cell's internals of every time step (engine/gates.py): the same lock, the same

@@ -47,7 +47,7 @@ def _reference_forecast(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The forecast by hand, in float64: outputs and the inputs used."""
     xs = rows.astype(np.float64).copy()
-    ys = []
+    ys: list[np.ndarray] = []
     for k in range(len(xs)):
         if k:
             for i, o, mode in links:
@@ -72,11 +72,14 @@ def test_elnino_forecast_matches_a_float64_reference_and_leaves_the_session_alon
         session.step(series[:24, None])
         info = session.info()
         f = session.forecast(rows)
-        assert f.outputs.shape == (12, 1) and f.inputs.shape == (12, 1) and f.seq == 1
+        assert f.outputs.shape == (12, 1)
+        assert f.inputs.shape == (12, 1)
+        assert f.seq == 1
         assert f.h.shape == f.c.shape == (2, 32)
         np.testing.assert_allclose(f.outputs, expected, atol=1e-3, rtol=0)
         np.testing.assert_allclose(f.inputs, used, atol=1e-3, rtol=0)
-        assert f.inputs[0, 0] == series[24] and np.array_equal(f.inputs[1:, 0], f.outputs[:-1, 0])
+        assert f.inputs[0, 0] == series[24]
+        assert np.array_equal(f.inputs[1:, 0], f.outputs[:-1, 0])
         after = session.info()
         assert (after.seq, after.steps) == (info.seq, info.steps)  # nothing committed
         # ... and the state is untouched: its next step is the forecast's first output

@@ -72,7 +72,8 @@ def test_asking_for_gates_changes_nothing_else(client: Client) -> None:
         # a retry of the last step, with gates asked: the stored reply, without gates
         gated.seq -= 1
         y, gates = gated.step_with_gates(xs[-1])
-        assert gates is None and np.array_equal(y, last)
+        assert gates is None
+        assert np.array_equal(y, last)
         gated.seq -= 1
         with pytest.raises(SequenceError) as caught:
             gated.step_with_gates(xs[0])

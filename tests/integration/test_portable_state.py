@@ -94,8 +94,11 @@ def test_an_imported_state_continues_exactly_on_another_server(
             blob = original.export_state()
             header, state = _parse(blob)
             info = a.get_model(model)
-            assert header["model"] == model and header["seq"] == 1 and header["steps"] == 7
-            assert header["dtype"] == "<f4" and (header["num_layers"], header["hidden_size"]) == (
+            assert header["model"] == model
+            assert header["seq"] == 1
+            assert header["steps"] == 7
+            assert header["dtype"] == "<f4"
+            assert (header["num_layers"], header["hidden_size"]) == (
                 info.num_layers,
                 info.hidden_size,
             )

@@ -176,6 +176,7 @@ class LstmServicer:
             self.calls.finished("StreamSteps", code, start)
             context.set_trailing_metadata(error_metadata(error_detail(code, exc.message, exc)))
             await context.abort(code, exc.message)
+        bound = _bound_sessions(context)  # issue 13: sessions closed with the stream
         replies: asyncio.Queue[lstm_pb2.StepReply | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
         answering: set[asyncio.Task[None]] = set()
@@ -186,7 +187,10 @@ class LstmServicer:
 
         async def answer(data: bytes) -> None:
             try:
-                replies.put_nowait(await self._stream_step(data, rid, tenant))
+                reply = await self._stream_step(data, rid, tenant)
+                if bound is not None and not reply.HasField("error"):
+                    self.plane.bind(bound, reply.session_id, tenant=tenant)
+                replies.put_nowait(reply)
             finally:
                 answering.discard(asyncio.current_task())
                 settle()
@@ -228,6 +232,8 @@ class LstmServicer:
             reader.cancel()
             for pending in list(answering):
                 pending.cancel()
+            if bound:
+                self.plane.release_bound(bound, tenant=tenant, ended_by_client=code == grpc.StatusCode.OK)
             self.calls.leave(peer)
             self.calls.finished("StreamSteps", code, start)
 
@@ -256,6 +262,17 @@ class LstmServicer:
             reply.error.CopyFrom(error_detail(code, INTERNAL_MESSAGE))
         self.metrics.stream_request(code.name)
         return reply
+
+
+BIND_SESSIONS_KEY = "lstm-bind-sessions"
+
+
+def _bound_sessions(context: Context) -> set[str] | None:
+    """A set to collect the sessions this stream steps, when its metadata binds them to it (lstm-bind-sessions: 1)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == BIND_SESSIONS_KEY and str(value).strip().lower() in ("1", "true"):
+            return set()
+    return None
 
 
 def _serialize(message: Any) -> bytes:

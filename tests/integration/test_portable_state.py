@@ -183,11 +183,15 @@ def test_export_of_a_missing_session(client: Client) -> None:
 
 def test_a_step_with_gates_commits_through_redis_like_a_plain_one(redis_server: RunningServer) -> None:
     xs = _inputs(4, 6, 7)
-    with redis_server.client() as client:
-        with client.create_session("golden_l2_wide") as plain, client.create_session("golden_l2_wide") as gated:
-            for x in xs:
-                y, gates = gated.step_with_gates(x)
-                assert gates is not None and gates.forget.shape == (1, 2, 16)
-                assert np.array_equal(y, plain.step(x))
-            assert gated.info().seq == 4
-            assert _parse(gated.export_state())[1] == _parse(plain.export_state())[1]  # the same state, bit for bit
+    with (
+        redis_server.client() as client,
+        client.create_session("golden_l2_wide") as plain,
+        client.create_session("golden_l2_wide") as gated,
+    ):
+        for x in xs:
+            y, gates = gated.step_with_gates(x)
+            assert gates is not None
+            assert gates.forget.shape == (1, 2, 16)
+            assert np.array_equal(y, plain.step(x))
+        assert gated.info().seq == 4
+        assert _parse(gated.export_state())[1] == _parse(plain.export_state())[1]  # the same state, bit for bit

@@ -511,6 +511,7 @@ def test_forks_exports_and_forecasts_keep_to_the_tenant(authed: RunningServer) -
         blob = alice.export_session("fork-me")
         imported = bob.import_session(blob, session_id="fork-me")  # bob's own session of that id, from alice's state
         np.testing.assert_array_equal(imported.step([26.0]), mine.step([26.0]))
-        assert alice.session_info("fork-me").seq == 2 and bob.session_info("fork-me").seq == 1
+        assert alice.session_info("fork-me").seq == 2
+        assert bob.session_info("fork-me").seq == 1
         for session in (mine, branch, imported):
             session.close()

@@ -55,6 +55,7 @@ UNARY: dict[str, type[Message]] = {
 REQUEST_TYPES: dict[str, type[Message]] = {**UNARY, "StreamSteps": lstm_pb2.StepRequest}
 METHODS = list(REQUEST_TYPES)
 RUN = secrets.token_hex(3)
+FORK_SOURCE = f"raw-{RUN}-fork-source"
 HUGE_SHAPE = [0, 2**32 - 1, 2**32 - 1, 2**32 - 1]  # no element, so no bytes: yet numpy cannot represent the shape
 U64 = 2**64 - 1
 MIB = 1 << 20
@@ -208,9 +209,9 @@ def valid_requests(method: str, session_id: str) -> list[Message]:
             lstm_pb2.ForecastRequest(session_id=session_id, inputs=xs),
             lstm_pb2.ForecastRequest(model=MODEL, inputs=xs, h0=state, c0=state),
         ],
-        "ForkSession": [lstm_pb2.ForkSessionRequest(session_id=session_id, idle_ttl=_duration(60))],
+        "ForkSession": [lstm_pb2.ForkSessionRequest(session_id=FORK_SOURCE)],
         "ExportSession": [lstm_pb2.ExportSessionRequest(session_id=session_id)],
-        "ImportSession": [lstm_pb2.ImportSessionRequest(blob=_blob(), idle_ttl=_duration(60))],
+        "ImportSession": [lstm_pb2.ImportSessionRequest(blob=_blob())],
         "StreamSteps": [lstm_pb2.StepRequest(session_id=session_id, seq=1, inputs=x)],
     }
     return requests[method]
@@ -266,6 +267,8 @@ def session_id(channel: grpc.Channel) -> str:
         response_deserializer=lstm_pb2.SessionInfo.FromString,
     )
     info = create(lstm_pb2.CreateSessionRequest(model=MODEL, session_id=f"raw-{RUN}", idle_ttl=_duration(600)))
+    # The forks' source: of another model than MODEL, whose live-session gauge other tests count exactly.
+    create(lstm_pb2.CreateSessionRequest(model="elnino", session_id=FORK_SOURCE, idle_ttl=_duration(600)))
     return str(info.session_id)
 
 

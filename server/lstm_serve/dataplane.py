@@ -459,11 +459,12 @@ class DataPlane:
         """A new session from an exported blob, refused unless the blob is intact (InvalidInput) and of the very
         model served here under its name (StateMismatch)."""
         header, state = state_blob.decode(blob)
-        model = self.repository.models.get(header.model)
-        if model is None:
+        try:
+            model = self.model(header.model)
+        except ModelNotFound:
             raise StateMismatch(
                 f"the session state is of model {header.model[:128]!r}, which this server does not serve"
-            )
+            ) from None
         info = model.info
         if (header.num_layers, header.hidden_size) != (info.num_layers, info.hidden_size):
             raise StateMismatch(

@@ -489,13 +489,16 @@ class DataPlane:
 
     def release_bound(self, session_ids: set[str], *, tenant: str = "", ended_by_client: bool) -> None:
         """The stream these sessions were bound to has ended. Ended by the client (it half-closed and had every
-        reply): they are closed now. Otherwise (cancelled, broken, the server draining): after the grace, each one
-        not stepped meanwhile - a client that reconnects resends its unanswered steps at once - is closed. Runs in
-        the background; a session already gone is no error."""
+        reply): they are closed now, unless another stream of this process is bound to them too. Otherwise
+        (cancelled, broken, the server draining): after the grace, each one not stepped meanwhile - a client that
+        reconnects resends its unanswered steps at once - is closed. Runs in the background; a session already gone
+        is no error."""
         grace = 0.0 if ended_by_client else self.limits.bound_session_grace
         for session_id in session_ids:
-            self._bindings[session_key(tenant, session_id)] -= 1
-        self._bindings += Counter()  # drops the keys at zero
+            key = session_key(tenant, session_id)
+            self._bindings[key] -= 1
+            if self._bindings[key] <= 0:
+                del self._bindings[key]
         task = asyncio.get_running_loop().create_task(self._release(sorted(session_ids), tenant, grace))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
@@ -514,10 +517,12 @@ class DataPlane:
             key = session_key(tenant, session_id)
             await self._locks.acquire(key)
             try:
+                if self._bindings[key] > 0:
+                    continue  # still bound to another stream of this process: closed when that one ends
                 if grace > 0:
                     now = await self._load(key, session_id, fresh=True)
-                    if (now.seq, now.created) != seen[session_id] or self._bindings[key] > 0:
-                        continue  # stepped again, bound to a new stream, or created anew: the client is back
+                    if (now.seq, now.created) != seen[session_id]:
+                        continue  # stepped again (a reconnect elsewhere) or created anew: the client is back
                 await self.store.close(key)
             except LstmServeError:
                 continue  # gone already, or the store is unreachable: its idle TTL ends it

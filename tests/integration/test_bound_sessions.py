@@ -121,3 +121,26 @@ def test_a_reconnect_within_the_grace_keeps_the_session(bound_server: RunningSer
             state["done"] = True
             list(second)  # the client ends the second stream: now it is closed
             assert _closed(client, session.id, within=2.0)
+
+
+def test_a_session_bound_to_two_streams_closes_with_the_last(bound_server: RunningServer) -> None:
+    with bound_server.client() as client, grpc.insecure_channel(bound_server.target) as channel:
+        stub = lstm_pb2_grpc.LstmServiceStub(channel)  # type: ignore[no-untyped-call]
+        session = client.create_session("m")
+        state = {"done": False}
+
+        def held_open() -> Iterator[lstm_pb2.StepRequest]:
+            yield _step(session.id, 1)
+            deadline = time.monotonic() + 10
+            while not state["done"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        first = stub.StreamSteps(held_open(), metadata=BIND)
+        assert not next(first).HasField("error")
+        second = list(stub.StreamSteps(iter([_step(session.id, 2)]), metadata=BIND))  # ended by the client
+        assert not second[0].HasField("error")
+        time.sleep(0.3)
+        assert client.session_info(session.id).seq == 2  # the first stream still holds it
+        state["done"] = True
+        list(first)
+        assert _closed(client, session.id, within=2.0)

@@ -8,7 +8,7 @@ with Client("127.0.0.1:50051") as client, client.create_session("elnino") as ses
 
 __version__ = "0.1.0"
 
-from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
+from lstm_client._calls import Forecast, Gates, ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
 from lstm_client._retry import RetryPolicy
 from lstm_client.aio import AsyncClient, AsyncSession
 from lstm_client.client import Client, Session
@@ -22,6 +22,7 @@ from lstm_client.errors import (
     SequenceError,
     ServerError,
     SessionGone,
+    StateMismatch,
     Unauthenticated,
     Unavailable,
 )
@@ -33,6 +34,8 @@ __all__ = [
     "AsyncSession",
     "Client",
     "DeadlineExceeded",
+    "Forecast",
+    "Gates",
     "InvalidArgument",
     "LstmError",
     "ManyResult",
@@ -48,6 +51,7 @@ __all__ = [
     "Session",
     "SessionGone",
     "SessionInfo",
+    "StateMismatch",
     "TlsConfig",
     "Unauthenticated",
     "Unavailable",

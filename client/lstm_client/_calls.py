@@ -35,6 +35,8 @@ class ModelInfo:
     normalized: bool
     state: str = ""  # "ready", or "unloading": retired, serving only the sessions pinned to it
     latest: bool = False  # the version a session gets when it names none
+    # (input index, output index, "value" | "delta"): the outputs a forecast feeds back as inputs
+    feedback: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ def model_info(msg: lstm_pb2.ModelInfo) -> ModelInfo:
         normalized=msg.normalized,
         state=msg.state,
         latest=msg.latest,
+        feedback=tuple((f.input, f.output, f.mode) for f in msg.feedback),
     )
 
 
@@ -148,22 +151,39 @@ def server_info(msg: lstm_pb2.GetServerInfoResponse) -> ServerInfo:
 
 
 def create_session_request(
-    model: str, ttl: float | timedelta | None, session_id: str | None, model_version: int = 0
+    model: str,
+    ttl: float | timedelta | None,
+    session_id: str | None,
+    model_version: int = 0,
+    h0: npt.ArrayLike | None = None,
+    c0: npt.ArrayLike | None = None,
 ) -> lstm_pb2.CreateSessionRequest:
-    """`ttl` None keeps the server's default; 0 means never expire; `model_version` 0: the latest ready version."""
+    """`ttl` None keeps the server's default; 0 means never expire; `model_version` 0: the latest ready version.
+    `h0` / `c0`: the initial state, zeros if unset."""
     req = lstm_pb2.CreateSessionRequest(model=model, session_id=session_id or "", model_version=model_version)
+    _set_ttl(req, ttl)
+    if h0 is not None:
+        req.h0.CopyFrom(to_tensor(h0))
+    if c0 is not None:
+        req.c0.CopyFrom(to_tensor(c0))
+    return req
+
+
+def _set_ttl(
+    req: lstm_pb2.CreateSessionRequest | lstm_pb2.ForkSessionRequest | lstm_pb2.ImportSessionRequest,
+    ttl: float | timedelta | None,
+) -> None:
     if ttl is not None:
         duration = duration_pb2.Duration()
         duration.FromTimedelta(ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl))
         req.idle_ttl.CopyFrom(duration)
-    return req
 
 
-def is_fresh_session(msg: lstm_pb2.SessionInfo, model: str) -> bool:
-    """Whether a session found under the id we asked CreateSession for is the one our lost reply created: untouched
-    (seq 0) and of our model. (A client-chosen id is the caller's to keep unique, so nobody else's session is
-    expected there.)"""
-    return msg.seq == 0 and msg.model == model
+def is_fresh_session(msg: lstm_pb2.SessionInfo, model: str | None) -> bool:
+    """Whether a session found under the id we asked CreateSession (ForkSession, ImportSession) for is the one our
+    lost reply created: untouched (seq 0) and of our model (when we know it). (A client-chosen id is the caller's to
+    keep unique, so nobody else's session is expected there.)"""
+    return msg.seq == 0 and (model is None or msg.model == model)
 
 
 def step_request(session_id: str, seq: int, x: npt.ArrayLike) -> lstm_pb2.StepRequest:
@@ -232,3 +252,101 @@ def predict_request(
 
 def prediction(msg: lstm_pb2.PredictResponse) -> Prediction:
     return Prediction(outputs=from_tensor(msg.outputs), h=from_tensor(msg.h), c=from_tensor(msg.c))
+
+
+# --- issue 13: forecasts, forks, portable state, gates, sessions bound to a stream ---------------------------------
+
+# StreamSteps metadata: the sessions the stream steps are closed when it ends (at once when the client ends it;
+# after the server's grace, unless stepped again, when it breaks). Sent again on every reconnect.
+BIND_SESSIONS = ("lstm-bind-sessions", "1")
+
+
+def stream_metadata(metadata: tuple[tuple[str, str], ...] | None, bind: bool) -> tuple[tuple[str, str], ...] | None:
+    return (*(metadata or ()), BIND_SESSIONS) if bind else metadata
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    outputs: FloatArray  # [horizon, output_size]
+    inputs: FloatArray  # [horizon, input_size]: the inputs used, fed-back columns filled in
+    h: FloatArray  # [num_layers, hidden_size] after the last step (nothing was committed)
+    c: FloatArray
+    seq: int  # the session's seq the forecast started from (0 from a model's state)
+
+
+@dataclass(frozen=True, slots=True)
+class Gates:
+    """The cell's internals of one Step, each [T, num_layers, hidden_size] (T = 1 for a single-step request)."""
+
+    forget: FloatArray
+    input: FloatArray
+    output: FloatArray
+    candidate: FloatArray
+    c: FloatArray
+    h: FloatArray
+
+    def as_dict(self) -> dict[str, FloatArray]:
+        names = ("forget", "input", "output", "candidate", "c", "h")
+        return {name: getattr(self, name) for name in names}
+
+
+def forecast_request(
+    inputs: npt.ArrayLike,
+    *,
+    session_id: str | None = None,
+    model: str | None = None,
+    h0: npt.ArrayLike | None = None,
+    c0: npt.ArrayLike | None = None,
+) -> lstm_pb2.ForecastRequest:
+    """`inputs` [horizon, input_size]; the fed-back columns of rows 1.. may be NaN (they are filled in)."""
+    req = lstm_pb2.ForecastRequest(
+        session_id=session_id or "", model=model or "", inputs=to_tensor(np.atleast_2d(np.asarray(inputs)))
+    )
+    if h0 is not None:
+        req.h0.CopyFrom(to_tensor(h0))
+    if c0 is not None:
+        req.c0.CopyFrom(to_tensor(c0))
+    return req
+
+
+def forecast(msg: lstm_pb2.ForecastResponse) -> Forecast:
+    return Forecast(
+        outputs=from_tensor(msg.outputs),
+        inputs=from_tensor(msg.inputs),
+        h=from_tensor(msg.h),
+        c=from_tensor(msg.c),
+        seq=msg.seq,
+    )
+
+
+def fork_request(
+    session_id: str, new_session_id: str | None, ttl: float | timedelta | None
+) -> lstm_pb2.ForkSessionRequest:
+    req = lstm_pb2.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id or "")
+    _set_ttl(req, ttl)
+    return req
+
+
+def import_request(blob: bytes, session_id: str | None, ttl: float | timedelta | None) -> lstm_pb2.ImportSessionRequest:
+    req = lstm_pb2.ImportSessionRequest(blob=blob, session_id=session_id or "")
+    _set_ttl(req, ttl)
+    return req
+
+
+def gated_step_request(session_id: str, seq: int, x: npt.ArrayLike) -> lstm_pb2.StepRequest:
+    return lstm_pb2.StepRequest(session_id=session_id, seq=seq, inputs=to_tensor(x), with_gates=True)
+
+
+def step_gates(reply: lstm_pb2.StepResponse) -> Gates | None:
+    """The gates of a Step asked with_gates; None when the reply was a retry's stored one."""
+    if not reply.HasField("gates"):
+        return None
+    g = reply.gates
+    return Gates(
+        forget=from_tensor(g.forget),
+        input=from_tensor(g.input),
+        output=from_tensor(g.output),
+        candidate=from_tensor(g.candidate),
+        c=from_tensor(g.c),
+        h=from_tensor(g.h),
+    )

@@ -13,7 +13,7 @@ import grpc.aio
 import numpy.typing as npt
 
 from lstm_client import _calls, _retry
-from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
+from lstm_client._calls import Forecast, Gates, ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.client import DEFAULT_OPTIONS
@@ -77,9 +77,9 @@ class AsyncClient:
         metadata = self._metadata(affinity)
         return await self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
 
-    def _open_stream(self, *, affinity: str | None) -> Any:
-        """A new StreamSteps call, written to and read from by the caller."""
-        return self._stub.StreamSteps(metadata=self._metadata(affinity))
+    def _open_stream(self, *, affinity: str | None, bind: bool = False) -> Any:
+        """A new StreamSteps call, written to and read from by the caller; see `Client._open_stream`."""
+        return self._stub.StreamSteps(metadata=_calls.stream_metadata(self._metadata(affinity), bind))
 
     async def list_models(self) -> list[ModelInfo]:
         return (await self.list_models_with_failures())[0]
@@ -101,18 +101,25 @@ class AsyncClient:
         ttl: float | timedelta | None = None,
         session_id: str | None = None,
         model_version: int = 0,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
     ) -> AsyncSession:
         """See `Client.create_session`: retried only with a client-chosen `session_id`."""
-        request = _calls.create_session_request(model, ttl, session_id, model_version)
+        request = _calls.create_session_request(model, ttl, session_id, model_version, h0, c0)
+        return AsyncSession(self, await self._create("CreateSession", request, session_id, model))
+
+    async def _create(self, method: str, request: object, session_id: str | None, model: str | None) -> SessionInfo:
+        """See `Client._create`."""
         if session_id is None:
-            return AsyncSession(self, _calls.session_info(await self._invoke("CreateSession", request, retry=False)))
+            return _calls.session_info(await self._invoke(method, request, retry=False))
+        rpc = getattr(self._stub, method)
         metadata = self._metadata(session_id)
         failed_before = False
 
         async def attempt() -> Any:
             nonlocal failed_before
             try:
-                return await self._stub.CreateSession(request, timeout=self.timeout, metadata=metadata)
+                return await rpc(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 if not (failed_before and exc.code() == grpc.StatusCode.ALREADY_EXISTS):
                     failed_before = True
@@ -125,7 +132,37 @@ class AsyncClient:
                 raise taken
             return found
 
-        return AsyncSession(self, _calls.session_info(await self._run(attempt)))
+        return _calls.session_info(await self._run(attempt))
+
+    async def forecast(
+        self,
+        inputs: npt.ArrayLike,
+        *,
+        session_id: str | None = None,
+        model: str | None = None,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
+    ) -> Forecast:
+        """See `Client.forecast`."""
+        request = _calls.forecast_request(inputs, session_id=session_id, model=model, h0=h0, c0=c0)
+        return _calls.forecast(await self._invoke("Forecast", request, affinity=session_id))
+
+    async def fork_session(
+        self, session_id: str, *, new_session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> AsyncSession:
+        request = _calls.fork_request(session_id, new_session_id, ttl)
+        return AsyncSession(self, await self._create("ForkSession", request, new_session_id, None))
+
+    async def export_session(self, session_id: str) -> bytes:
+        request = lstm_pb2.ExportSessionRequest(session_id=session_id)
+        blob: bytes = (await self._invoke("ExportSession", request, affinity=session_id)).blob
+        return blob
+
+    async def import_session(
+        self, blob: bytes, *, session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> AsyncSession:
+        request = _calls.import_request(blob, session_id, ttl)
+        return AsyncSession(self, await self._create("ImportSession", request, session_id, None))
 
     async def session(self, session_id: str) -> AsyncSession:
         return AsyncSession(self, await self.session_info(session_id))
@@ -171,8 +208,11 @@ class AsyncSession:
         self.seq += 1
         return outputs
 
-    async def stream(self, xs: Iterable[npt.ArrayLike] | AsyncIterable[npt.ArrayLike]) -> AsyncIterator[FloatArray]:
-        stream = _AsyncStepStream(self._client, self.id)
+    async def stream(
+        self, xs: Iterable[npt.ArrayLike] | AsyncIterable[npt.ArrayLike], *, bind: bool = False
+    ) -> AsyncIterator[FloatArray]:
+        """See `Session.stream`."""
+        stream = _AsyncStepStream(self._client, self.id, bind=bind)
         try:
             async for x in _aiter(xs):
                 outputs = await stream.exchange(_calls.step_request(self.id, self.seq + 1, x))
@@ -183,6 +223,22 @@ class AsyncSession:
 
     async def info(self) -> SessionInfo:
         return await self._client.session_info(self.id)
+
+    async def step_with_gates(self, x: npt.ArrayLike) -> tuple[FloatArray, Gates | None]:
+        request = _calls.gated_step_request(self.id, self.seq + 1, x)
+        reply = await self._client._invoke("Step", request, affinity=self.id)
+        outputs = _calls.step_outputs(reply)
+        self.seq += 1
+        return outputs, _calls.step_gates(reply)
+
+    async def forecast(self, inputs: npt.ArrayLike) -> Forecast:
+        return await self._client.forecast(inputs, session_id=self.id)
+
+    async def fork(self, *, new_session_id: str | None = None, ttl: float | timedelta | None = None) -> AsyncSession:
+        return await self._client.fork_session(self.id, new_session_id=new_session_id, ttl=ttl)
+
+    async def export_state(self) -> bytes:
+        return await self._client.export_session(self.id)
 
     async def reset(self) -> SessionInfo:
         request = lstm_pb2.ResetSessionRequest(session_id=self.id)
@@ -215,15 +271,16 @@ async def _aiter(xs: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
 class _AsyncStepStream:
     """See `lstm_client.client._StepStream`: the same bookkeeping over a grpc.aio call."""
 
-    def __init__(self, client: AsyncClient, session_id: str) -> None:
+    def __init__(self, client: AsyncClient, session_id: str, *, bind: bool = False) -> None:
         self._client = client
         self._session_id = session_id
+        self._bind = bind
         self._unacked: dict[int, lstm_pb2.StepRequest] = {}  # by seq, in sending order
         self._unsent: list[lstm_pb2.StepRequest] = []  # accepted, not yet written on the current call
         self._call: Any = None
 
     def _open(self) -> None:
-        self._call = self._client._open_stream(affinity=self._session_id)
+        self._call = self._client._open_stream(affinity=self._session_id, bind=self._bind)
         self._unsent = list(self._unacked.values())
 
     def _drop(self) -> None:

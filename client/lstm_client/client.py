@@ -13,7 +13,7 @@ import grpc
 import numpy.typing as npt
 
 from lstm_client import _calls, _retry
-from lstm_client._calls import ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
+from lstm_client._calls import Forecast, Gates, ManyResult, ModelFailure, ModelInfo, Prediction, ServerInfo, SessionInfo
 from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
 from lstm_client._retry import RetryPolicy, StreamBroken
 from lstm_client.errors import SessionGone, error_from_detail
@@ -98,9 +98,10 @@ class Client:
         metadata = self._metadata(affinity)
         return self._run(lambda: rpc(request, timeout=self.timeout, metadata=metadata), retry=retry)
 
-    def _open_stream(self, requests: Iterator[lstm_pb2.StepRequest], *, affinity: str) -> Any:
-        """A new StreamSteps call fed from `requests`; its replies are iterated."""
-        return self._stub.StreamSteps(requests, metadata=self._metadata(affinity))
+    def _open_stream(self, requests: Iterator[lstm_pb2.StepRequest], *, affinity: str, bind: bool = False) -> Any:
+        """A new StreamSteps call fed from `requests`; its replies are iterated. `bind`: the sessions it steps are
+        closed with it."""
+        return self._stub.StreamSteps(requests, metadata=_calls.stream_metadata(self._metadata(affinity), bind))
 
     def list_models(self) -> list[ModelInfo]:
         return self.list_models_with_failures()[0]
@@ -122,24 +123,33 @@ class Client:
         ttl: float | timedelta | None = None,
         session_id: str | None = None,
         model_version: int = 0,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
     ) -> Session:
-        """A new session; `ttl=0` never expires by idleness.
+        """A new session; `ttl=0` never expires by idleness; `h0` / `c0` ([num_layers, hidden_size]) its initial
+        state, zeros by default.
 
         With a `session_id` of your choosing the call is retried like any other: should a lost reply have created
         it already, the retry's ALREADY_EXISTS is taken as success when the session there is untouched (seq 0) and of
         this model. Without one it is tried once: the server picks the id, so a retry after a lost reply would leave
         a second, orphaned session behind.
         """
-        request = _calls.create_session_request(model, ttl, session_id, model_version)
+        request = _calls.create_session_request(model, ttl, session_id, model_version, h0, c0)
+        return Session(self, self._create("CreateSession", request, session_id, model))
+
+    def _create(self, method: str, request: object, session_id: str | None, model: str | None) -> SessionInfo:
+        """A call that creates a session (CreateSession, ForkSession, ImportSession), retried only with a
+        client-chosen id (see `create_session`)."""
         if session_id is None:
-            return Session(self, _calls.session_info(self._invoke("CreateSession", request, retry=False)))
+            return _calls.session_info(self._invoke(method, request, retry=False))
+        rpc = getattr(self._stub, method)
         metadata = self._metadata(session_id)
         failed_before = False
 
         def attempt() -> Any:
             nonlocal failed_before
             try:
-                return self._stub.CreateSession(request, timeout=self.timeout, metadata=metadata)
+                return rpc(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 if not (failed_before and exc.code() == grpc.StatusCode.ALREADY_EXISTS):
                     failed_before = True
@@ -152,7 +162,42 @@ class Client:
                 raise taken
             return found
 
-        return Session(self, _calls.session_info(self._run(attempt)))
+        return _calls.session_info(self._run(attempt))
+
+    def forecast(
+        self,
+        inputs: npt.ArrayLike,
+        *,
+        session_id: str | None = None,
+        model: str | None = None,
+        h0: npt.ArrayLike | None = None,
+        c0: npt.ArrayLike | None = None,
+    ) -> Forecast:
+        """Rolls forward len(inputs) steps from a session's state, or a model's (h0, c0, zeros by default), without
+        committing anything. Row 0 of `inputs` is complete; in later rows the fed-back features may be NaN."""
+        request = _calls.forecast_request(inputs, session_id=session_id, model=model, h0=h0, c0=c0)
+        return _calls.forecast(self._invoke("Forecast", request, affinity=session_id))
+
+    def fork_session(
+        self, session_id: str, *, new_session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> Session:
+        """A new session from `session_id`'s current state (seq 0); retried like `create_session`."""
+        request = _calls.fork_request(session_id, new_session_id, ttl)
+        return Session(self, self._create("ForkSession", request, new_session_id, None))
+
+    def export_session(self, session_id: str) -> bytes:
+        """The session's state as a blob for `import_session` on any server serving the same model."""
+        request = lstm_pb2.ExportSessionRequest(session_id=session_id)
+        blob: bytes = self._invoke("ExportSession", request, affinity=session_id).blob
+        return blob
+
+    def import_session(
+        self, blob: bytes, *, session_id: str | None = None, ttl: float | timedelta | None = None
+    ) -> Session:
+        """A new session (seq 0) from an exported blob; retried like `create_session`."""
+        return Session(
+            self, self._create("ImportSession", _calls.import_request(blob, session_id, ttl), session_id, None)
+        )
 
     def session(self, session_id: str) -> Session:
         """Attaches to an existing session (for example after a client restart), continuing from its seq."""
@@ -202,12 +247,14 @@ class Session:
         self.seq += 1
         return outputs
 
-    def stream(self, xs: Iterable[npt.ArrayLike]) -> Iterator[FloatArray]:
+    def stream(self, xs: Iterable[npt.ArrayLike], *, bind: bool = False) -> Iterator[FloatArray]:
         """Steps through `xs` over one bidirectional stream, yielding each prediction as it arrives.
 
         A broken stream is reopened and the unanswered step resent with its seq, so nothing is applied twice.
+        `bind=True`: the server closes the session when this stream ends (when `xs` is exhausted or the iteration is
+        closed; if the connection breaks for good, after the server's --bound-session-grace).
         """
-        stream = _StepStream(self._client, self.id)
+        stream = _StepStream(self._client, self.id, bind=bind)
         try:
             for x in xs:
                 outputs = stream.exchange(_calls.step_request(self.id, self.seq + 1, x))
@@ -218,6 +265,24 @@ class Session:
 
     def info(self) -> SessionInfo:
         return self._client.session_info(self.id)
+
+    def step_with_gates(self, x: npt.ArrayLike) -> tuple[FloatArray, Gates | None]:
+        """`step`, also returning the cell's internals (None when the server answered a retry from its stored reply)."""
+        request = _calls.gated_step_request(self.id, self.seq + 1, x)
+        reply = self._client._invoke("Step", request, affinity=self.id)
+        outputs = _calls.step_outputs(reply)
+        self.seq += 1
+        return outputs, _calls.step_gates(reply)
+
+    def forecast(self, inputs: npt.ArrayLike) -> Forecast:
+        """A forecast from this session's current state; the session is not changed."""
+        return self._client.forecast(inputs, session_id=self.id)
+
+    def fork(self, *, new_session_id: str | None = None, ttl: float | timedelta | None = None) -> Session:
+        return self._client.fork_session(self.id, new_session_id=new_session_id, ttl=ttl)
+
+    def export_state(self) -> bytes:
+        return self._client.export_session(self.id)
 
     def reset(self) -> SessionInfo:
         """Zeroes the state (h, c of every layer); seq goes on counting."""
@@ -252,9 +317,10 @@ class _StepStream:
     request with its original seq: the server answers an already applied one from its stored reply.
     """
 
-    def __init__(self, client: Client, session_id: str) -> None:
+    def __init__(self, client: Client, session_id: str, *, bind: bool = False) -> None:
         self._client = client
         self._session_id = session_id
+        self._bind = bind
         self._unacked: dict[int, lstm_pb2.StepRequest] = {}  # by seq, in sending order
         self._unsent: list[lstm_pb2.StepRequest] = []  # accepted, not yet written on the current call
         self._requests: queue.SimpleQueue[object] | None = None
@@ -269,7 +335,7 @@ class _StepStream:
                 yield item  # type: ignore[misc]
 
         self._requests = requests
-        self._responses = self._client._open_stream(feed(), affinity=self._session_id)
+        self._responses = self._client._open_stream(feed(), affinity=self._session_id, bind=self._bind)
         self._unsent = list(self._unacked.values())
 
     def _drop(self) -> None:

@@ -6,6 +6,7 @@ LstmError
 │   └── SessionGone        the session existed and ended: closed, expired, evicted, model_changed (.reason)
 ├── AlreadyExists          a client-chosen session id is taken
 ├── SequenceError          the step's seq is not the one the server expects (see .expected_seq)
+│   └── StateMismatch      an imported state is of another model; a model cannot show its gates (.reason)
 ├── ResourceExhausted      a server limit (message size, steps per request, concurrent calls, sessions or
 │                          requests per tenant: .reason "capacity" / "rate_limited")
 ├── Unauthenticated        no bearer token, or one the server does not accept (Client(token=...))
@@ -76,6 +77,12 @@ class SequenceError(LstmError):
     pass
 
 
+class StateMismatch(SequenceError):
+    """FAILED_PRECONDITION that is not about seq: an imported session state of another model ("state_mismatch"), or
+    a model that cannot do what was asked ("unsupported": gates). A SequenceError, as FAILED_PRECONDITION always was
+    to this client."""
+
+
 class ResourceExhausted(LstmError):
     pass
 
@@ -106,17 +113,25 @@ _BY_CODE: dict[grpc.StatusCode, type[LstmError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
+_PRECONDITION_REASONS = frozenset({"state_mismatch", "unsupported"})
 _GONE_REASONS = frozenset({"closed", "expired", "evicted", "model_changed", "model_retired"})
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _error_class(code: grpc.StatusCode, reason: str) -> type[LstmError]:
+    """The one choice of a class, from the status code and the reason (ErrorInfo's, or the old detail's)."""
+    cls = _BY_CODE.get(code, ServerError)
+    if cls is SequenceError and reason in _PRECONDITION_REASONS:
+        return StateMismatch
+    if cls is NotFound and reason in _GONE_REASONS:
+        return SessionGone
+    return cls
 
 
 def error_from_status(code: grpc.StatusCode, message: str, detail: lstm_pb2.Error | None = None) -> LstmError:
     reason = detail.reason if detail is not None else ""
     expected = detail.expected_seq if detail is not None and detail.expected_seq else None
-    cls = _BY_CODE.get(code, ServerError)
-    if cls is NotFound and reason in _GONE_REASONS:
-        cls = SessionGone
-    return cls(message, code=code, reason=reason, expected_seq=expected)
+    return _error_class(code, reason)(message, code=code, reason=reason, expected_seq=expected)
 
 
 def error_from_detail(detail: lstm_pb2.Error) -> LstmError:
@@ -157,10 +172,7 @@ def error_from_standard(code: grpc.StatusCode, message: str, status: status_pb2.
             any_detail.Unpack(retry)
             retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     expected = metadata.get("expected_seq", "")
-    cls = _BY_CODE.get(code, ServerError)
-    if cls is NotFound and reason in _GONE_REASONS:
-        cls = SessionGone
-    return cls(
+    return _error_class(code, reason)(
         message,
         code=code,
         reason=reason,

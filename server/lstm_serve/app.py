@@ -129,6 +129,8 @@ class App:
             inline_max_parameters=s.inline_max_parameters,
             inline_max_steps=s.inline_max_steps,
             max_sessions_per_tenant=s.max_sessions_per_tenant,
+            max_forecast_horizon=s.max_forecast_horizon,
+            bound_session_grace=s.bound_session_grace,
         )
         versioning = Versioning(s.model_dir, tuple(s.models), policy, s.version_drain_timeout)
         self._plane = DataPlane(repository, store, self.metrics, limits, self._executor, versioning)

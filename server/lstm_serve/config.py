@@ -102,6 +102,14 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, bytes."
     )
     max_steps_per_request: int = Field(4096, ge=1, description="Time steps at most in one Step/Predict request.")
+    max_forecast_horizon: int = Field(1024, ge=1, description="Steps at most that one Forecast request rolls forward.")
+    bound_session_grace: float = Field(
+        30.0,
+        ge=0,
+        description="Sessions bound to a step stream (metadata lstm-bind-sessions) whose stream broke are closed this "
+        "many seconds later unless stepped again meanwhile (a reconnect); a stream the client ends closes them at "
+        "once.",
+    )
     max_concurrent_rpcs: int = Field(
         4096,
         ge=1,

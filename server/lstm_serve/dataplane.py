@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from lstm_serve import state_blob
 from lstm_serve.batching import Batcher
 from lstm_serve.coalesce import Coalescer
 from lstm_serve.engine.cell import F32
+from lstm_serve.engine.forecast import check_forecast_inputs, roll_forward
+from lstm_serve.engine.gates import GateTrace
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.repository import Repository
-from lstm_serve.errors import InvalidInput, ModelNotFound, SessionNotFound
+from lstm_serve.errors import InvalidInput, LstmServeError, ModelNotFound, SessionNotFound, StateMismatch
 from lstm_serve.lifecycle import Catalog, ModelLifecycle, Served, Versioning, VersionState, VersionView
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import (
@@ -41,6 +45,8 @@ __all__ = [
     "F32",
     "TENANT_NAME",
     "DataPlane",
+    "ForecastOutcome",
+    "GateTrace",
     "Limits",
     "ModelInfo",
     "Session",
@@ -50,6 +56,8 @@ __all__ = [
     "VersionState",
     "VersionView",
 ]
+
+_T = TypeVar("_T")
 
 MAX_IDLE_TTL = 10 * 365.25 * 86400.0  # ten years; longer is "never" (0), and the reply's Duration must hold it
 
@@ -62,6 +70,8 @@ class Limits:
     inline_max_parameters: int = 200_000
     inline_max_steps: int = 32
     max_sessions_per_tenant: int = 0  # store-wide; 0 = no limit
+    max_forecast_horizon: int = 1024
+    bound_session_grace: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,15 @@ class SessionLimits:
     max_idle_ttl: float  # seconds, the longest idle TTL a client may ask for
     max_session_id_chars: int  # a client-chosen id: 1 to this many characters of [A-Za-z0-9._:-]
     max_steps_per_request: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastOutcome:
+    outputs: F32  # (N, O)
+    inputs: F32  # (N, I), the fed-back columns filled in
+    h: F32  # (L, H) after the last step; nothing is committed
+    c: F32
+    seq: int  # the session's seq the forecast started from (0 for a model's state)
 
 
 class DataPlane:
@@ -101,6 +120,8 @@ class DataPlane:
         self.catalog.failures = dict(repository.failures)
         self._batchers = self.catalog.batchers  # the step path's lookup, by ModelInfo.key
         self.lifecycle = ModelLifecycle(self.catalog, store, versioning, on_change=self._count_models)
+        self._releases: set[asyncio.Task[None]] = set()  # bound sessions waiting out their grace
+        self._bindings: Counter[str] = Counter()  # session key -> live streams of this process bound to it
         # One store call per loop turn for the commits (and cache misses) of a whole batch: one Redis round trip, not
         # one per session. A store in this process answers at once, so it is called directly.
         self._commit: Callable[[StepWrite], Awaitable[CommitResult]]
@@ -126,6 +147,7 @@ class DataPlane:
             load=self._load,
             fitting=self._fitting,
             commit=self._commit,
+            offload=self._compute,
         )
         self._locks = self._stepper.locks  # create, reset and close take a session's lock too
         self._count_models()
@@ -149,6 +171,8 @@ class DataPlane:
             self.metrics.child(self.metrics.steps, name)
 
     async def close(self) -> None:
+        for release in list(self._releases):
+            release.cancel()
         await self._stepper.close()
         await self.catalog.close()
         for coalescer in self._coalescers:
@@ -251,25 +275,36 @@ class DataPlane:
         *,
         tenant: str = "",
         version: int | None = None,
+        h0: F32 | None = None,
+        c0: F32 | None = None,
     ) -> Session:
-        """A new session, pinned to `version` (None: the latest ready version) for its whole life."""
+        """A new session, pinned to `version` (None: the latest ready version) for its whole life, from the zero
+        state or from `h0` / `c0` ((L, H) each, finite; either may be given)."""
+        served = self._served(model_name, version)  # NOT_FOUND, with the reason, for an unknown or broken model
+        if served.state is not VersionState.READY:
+            raise ModelNotFound(f"model {model_name!r} version {version} is retired: it takes no new sessions")
+        given = h0 is not None or c0 is not None
+        state = _initial_state(served.model, h0, c0).tobytes() if given else served.zero_state
+        return await self._create(served.model.info, state, session_id, idle_ttl, tenant)
+
+    async def _create(
+        self, info: ModelInfo, state: bytes, session_id: str | None, idle_ttl: float | None, tenant: str
+    ) -> Session:
+        """A new session of model version `info` whose record starts as `state` (seq 0, no stored reply)."""
         if idle_ttl is not None and not 0 <= idle_ttl <= MAX_IDLE_TTL:
             raise InvalidInput(
                 f"idle_ttl must be between 0 (never expire) and {MAX_IDLE_TTL:.0f} s, got {idle_ttl:g}", "idle_ttl"
             )
-        served = self._served(model_name, version)  # NOT_FOUND, with the reason, for an unknown or broken model
-        if served.state is not VersionState.READY:
-            raise ModelNotFound(f"model {model_name!r} version {version} is retired: it takes no new sessions")
         client_id = session_id or new_session_id()
         session = await self.store.create(
-            model_name,
-            served.zero_state,
+            info.name,
+            state,
             session_key(tenant, client_id),
             idle_ttl,
             tenant_limit=self.limits.max_sessions_per_tenant,
-            version=served.model.info.version,
+            version=info.version,
         )
-        self.metrics.sessions_created.labels(model=model_name).inc()
+        self.metrics.sessions_created.labels(model=info.name).inc()
         return _as_seen_by_client(session, client_id)
 
     async def get_session(self, session_id: str, *, tenant: str = "") -> Session:
@@ -361,19 +396,193 @@ class DataPlane:
             raise InvalidInput(f"inputs must have shape [T, {info.input_size}], got {list(x.shape)}", "inputs")
         xs, _ = shape_inputs(x, info, self.limits.max_steps_per_request)
         check_finite(xs)
-        state = model.zero_state()
-        for i, (name, given) in enumerate((("h0", h0), ("c0", c0))):
-            if given is None:
-                continue
-            if given.shape != state.shape[1:]:
-                raise InvalidInput(f"{name} must have shape {list(state.shape[1:])}, got {list(given.shape)}", name)
-            if not np.all(np.isfinite(given)):
-                raise InvalidInput(f"{name} contains NaN or Inf", name)
-            state[i] = given
+        state = _initial_state(model, h0, c0)
         ys, final, finite = await self._batchers[info.key].submit(xs, state)
         if not finite:
             raise InvalidInput(OVERFLOW, "inputs")
         return ys, final[0], final[1]
+
+    # --- issue 13: forecasts, forks, portable state, gates ------------------------------------------------------
+    #
+    # Separate from the step path above (which stays as it is): these are read-only (forecast, export), create a
+    # session like create_session does (fork, import), or branch off before the step path (a step with its gates).
+
+    async def forecast(
+        self,
+        x: F32,
+        *,
+        session_id: str | None = None,
+        model_name: str | None = None,
+        h0: F32 | None = None,
+        c0: F32 | None = None,
+        tenant: str = "",
+    ) -> ForecastOutcome:
+        """Rolls a model forward len(x) steps from a session's current state, or from (h0, c0) (zeros by default)
+        of `model_name`, feeding the model's declared outputs back as inputs (engine/forecast.py). Commits nothing:
+        the session's state and seq are untouched."""
+        if (session_id is None) == (model_name is None):
+            raise InvalidInput("a forecast names either a session or a model, not both or neither")
+        seq = 0
+        if session_id is not None:
+            if h0 is not None or c0 is not None:
+                raise InvalidInput("a forecast from a session starts from its state: h0 and c0 must be unset")
+            session = await self._load(session_key(tenant, session_id), session_id, fresh=True)
+            model = self.model(session.model, session.version)
+            state = np.array(session.state_array(model.info.state_shape))
+            seq = session.seq
+        else:
+            assert model_name is not None
+            model = self.model(model_name)
+            state = _initial_state(model, h0, c0)
+        info = model.info
+        xs = check_forecast_inputs(x, info.feedback, info.input_size, self.limits.max_forecast_horizon)
+
+        def run_one(x_row: F32, s: F32) -> tuple[F32, F32]:
+            [(y, new_state)] = model.run_batch([x_row], [s])
+            return y, new_state
+
+        ys, used, final = await self._compute(
+            info, len(xs), functools.partial(roll_forward, run_one, xs, state, info.feedback)
+        )
+        if not (np.isfinite(ys).all() and np.isfinite(final).all()):
+            raise InvalidInput("the forecast overflows to Inf or NaN (inputs too large, or the model diverges)")
+        return ForecastOutcome(ys, used, final[0], final[1], seq)
+
+    async def _compute(self, info: ModelInfo, steps: int, work: Callable[[], _T]) -> _T:
+        """`work` on the event loop when small (as the batcher decides for steps), else in the compute threads."""
+        small = info.parameters <= self.limits.inline_max_parameters and steps <= self.limits.inline_max_steps
+        if small or self._executor is None:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def fork_session(
+        self, session_id: str, new_session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+    ) -> Session:
+        """A new session (of the same tenant) starting from `session_id`'s current state, at seq 0."""
+        key = session_key(tenant, session_id)
+        await self._locks.acquire(key)  # the state of a whole step, never of one half-committed
+        try:
+            source = await self._load(key, session_id, fresh=True)
+        finally:
+            self._locks.release(key)
+        model = self.model(source.model, source.version)  # the fork is pinned to its source's version
+        state = source.state_array(model.info.state_shape).tobytes()
+        return await self._create(model.info, state, new_session_id, idle_ttl, tenant)
+
+    async def export_session(self, session_id: str, *, tenant: str = "") -> tuple[bytes, Session]:
+        """The session's current state as a blob (state_blob.py) pinned to its model's name, version and weights."""
+        key = session_key(tenant, session_id)
+        session = await self._load(key, session_id, fresh=True)
+        model = self.model(session.model, session.version)
+        info = model.info
+        header = state_blob.BlobHeader(
+            model=info.name,
+            version=str(info.version),
+            fingerprint=model.fingerprint,
+            num_layers=info.num_layers,
+            hidden_size=info.hidden_size,
+            dtype=state_blob.DTYPE,
+            seq=session.seq,
+            steps=session.steps,
+        )
+        blob = state_blob.encode(header, session.state_array(info.state_shape).tobytes())
+        return blob, _as_seen_by_client(session, session_id)
+
+    async def import_session(
+        self, blob: bytes, session_id: str | None, idle_ttl: float | None, *, tenant: str = ""
+    ) -> Session:
+        """A new session from an exported blob, refused unless the blob is intact (InvalidInput) and of the very
+        model served here under its name (StateMismatch)."""
+        header, state = state_blob.decode(blob)
+        try:  # the blob's version where it is served here, else the latest: the fingerprint decides
+            pinned = int(header.version) if header.version.isdigit() and len(header.version) < 10 else None
+            served = self.catalog.get(header.model, pinned) if pinned is not None else None
+            model = served.model if served is not None else self.model(header.model)
+        except ModelNotFound:
+            raise StateMismatch(
+                f"the session state is of model {header.model[:128]!r}, which this server does not serve"
+            ) from None
+        info = model.info
+        if (header.num_layers, header.hidden_size) != (info.num_layers, info.hidden_size):
+            raise StateMismatch(
+                f"the session state has {header.num_layers} layers of {header.hidden_size}; model {info.name!r} "
+                f"has {info.num_layers} of {info.hidden_size}"
+            )
+        if header.fingerprint != model.fingerprint:
+            raise StateMismatch(
+                f"the session state is of other weights of model {info.name!r} (version {header.version[:64]!r}, "
+                f"fingerprint {header.fingerprint[:12]}...; served: version {info.version!r}, "
+                f"fingerprint {model.fingerprint[:12]}...)"
+            )
+        if not np.isfinite(np.frombuffer(state, dtype="<f4")).all():
+            raise InvalidInput("the session state contains NaN or Inf")
+        return await self._create(info, state, session_id, idle_ttl, tenant)
+
+    def bind(self, bound: set[str], session_id: str, *, tenant: str = "") -> None:
+        """Binds a session to a stream (`bound`: the stream's sessions) once it has stepped on it."""
+        if session_id not in bound:
+            bound.add(session_id)
+            self._bindings[session_key(tenant, session_id)] += 1
+
+    def release_bound(self, session_ids: set[str], *, tenant: str = "", ended_by_client: bool) -> None:
+        """The stream these sessions were bound to has ended. Ended by the client (it half-closed and had every
+        reply): they are closed now, unless another stream of this process is bound to them too. Otherwise
+        (cancelled, broken, the server draining): after the grace, each one not stepped meanwhile - a client that
+        reconnects resends its unanswered steps at once - is closed. Runs in the background; a session already gone
+        is no error."""
+        grace = 0.0 if ended_by_client else self.limits.bound_session_grace
+        for session_id in session_ids:
+            key = session_key(tenant, session_id)
+            self._bindings[key] -= 1
+            if self._bindings[key] <= 0:
+                del self._bindings[key]
+        task = asyncio.get_running_loop().create_task(self._release(sorted(session_ids), tenant, grace))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, session_ids: list[str], tenant: str, grace: float) -> None:
+        seen: dict[str, tuple[int, float]] = {}
+        if grace > 0:
+            for session_id in session_ids:
+                try:
+                    session = await self.get_session(session_id, tenant=tenant)
+                except LstmServeError:
+                    continue
+                seen[session_id] = (session.seq, session.created)
+            await asyncio.sleep(grace)
+        for session_id in session_ids if grace == 0 else list(seen):
+            key = session_key(tenant, session_id)
+            await self._locks.acquire(key)
+            try:
+                if self._bindings[key] > 0:
+                    continue  # still bound to another stream of this process: closed when that one ends
+                if grace > 0:
+                    now = await self._load(key, session_id, fresh=True)
+                    if (now.seq, now.created) != seen[session_id]:
+                        continue  # stepped again (a reconnect elsewhere) or created anew: the client is back
+                await self.store.close(key)
+            except LstmServeError:
+                continue  # gone already, or the store is unreachable: its idle TTL ends it
+            finally:
+                self._locks.release(key)
+
+    async def step_with_gates(self, session_id: str, seq: int, x: F32, *, tenant: str = "") -> StepOutcome:
+        """`step`, answering also the cell's internals (StepOutcome.gates; stepping.py)."""
+        return await self._stepper.step_with_gates(StepItem(session_id, seq, x), tenant)
+
+
+def _initial_state(model: Model, h0: F32 | None, c0: F32 | None) -> F32:
+    """A state (2, L, H) from the caller's h0 and c0 ((L, H) each, zeros where not given), checked."""
+    state = model.zero_state()
+    for i, (name, given) in enumerate((("h0", h0), ("c0", c0))):
+        if given is None:
+            continue
+        if given.shape != state.shape[1:]:
+            raise InvalidInput(f"{name} must have shape {list(state.shape[1:])}, got {list(given.shape)}", name)
+        if not np.all(np.isfinite(given)):
+            raise InvalidInput(f"{name} contains NaN or Inf", name)
+        state[i] = given
+    return state
 
 
 def _as_seen_by_client(session: Session, session_id: str) -> Session:

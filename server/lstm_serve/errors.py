@@ -62,6 +62,19 @@ class SequenceMismatch(LstmServeError):
         self.reason = reason
 
 
+class StateMismatch(LstmServeError):
+    """An imported session state is of another model (name, weights fingerprint or state shape) than the one this
+    server serves under that name."""
+
+    reason = "state_mismatch"
+
+
+class Unsupported(LstmServeError):
+    """The model cannot do what was asked (show its gates: weights not readable from its file)."""
+
+    reason = "unsupported"
+
+
 class LimitExceeded(LstmServeError):
     reason = "limit"
 

@@ -17,6 +17,7 @@ in arrival order for each session.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from lstm_serve.batching import Batcher
 from lstm_serve.engine.cell import F32
+from lstm_serve.engine.gates import GateTrace
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.errors import (
     InvalidInput,
@@ -60,6 +62,7 @@ class StepOutcome:
     session_id: str
     seq: int
     outputs: F32  # (O,) or (T, O), following the request
+    gates: GateTrace | None = None  # a step that asked for its internals, computed (a replayed one has none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,7 @@ class Stepper:
         load: Callable[..., Awaitable[Session]],
         fitting: Callable[[Session, str, str], Awaitable[Session]],
         commit: Callable[[StepWrite], Awaitable[CommitResult]],
+        offload: Callable[[ModelInfo, int, Callable[[], GateTrace]], Awaitable[GateTrace]],
     ) -> None:
         self._model = model  # (name, version) -> the model; raises ModelNotFound with the reason
         self._batchers = batchers  # by ModelInfo.key; a reload changes the dict in place
@@ -129,6 +133,7 @@ class Stepper:
         self._load = load  # (key, session_id, fresh=) -> the session, checked against its model
         self._fitting = fitting  # (found, key, session_id) -> found, unless it no longer fits its model
         self._commit_one = commit  # one step's commit, coalesced with the turn's others into one store call
+        self._offload = offload  # (info, steps, work): work on the loop when small, else in the compute threads
         self._max_wait = max_wait
         self.locks = KeyedLock()
         self._turn: list[tuple[str, StepItem, asyncio.Future[StepOutcome]]] = []
@@ -351,8 +356,21 @@ class Stepper:
         finally:
             self.locks.release(key)
 
+    async def step_with_gates(self, item: StepItem, tenant: str) -> StepOutcome:
+        """A step that also answers the cell's internals of every time step (engine/gates.py), on the single step's
+        path: the same lock, the same decision on seq (a retry replays the stored outputs, without gates: the state
+        they came from is gone), the same compare-and-set commit of the served computation's state. The gates come
+        from a second computation from the same previous state, paid only here."""
+        key = session_key(tenant, item.session_id)
+        await self.locks.acquire(key)
+        try:
+            session = await self._load(key, item.session_id, fresh=True)
+            return await self._step_locked(key, item, session, fresh=True, gates=True)
+        finally:
+            self.locks.release(key)
+
     async def _step_locked(
-        self, key: str, item: StepItem, session: Session, *, fresh: bool, attempts: int = 0
+        self, key: str, item: StepItem, session: Session, *, fresh: bool, attempts: int = 0, gates: bool = False
     ) -> StepOutcome:
         """A session read from a cache may be stale: only "this is the next step" is acted on without asking the
         store, and a step computed from a stale record loses its compare-and-set, which hands back the current
@@ -363,7 +381,8 @@ class Stepper:
         checked: ModelInfo | None = None
         for _ in range(attempts, MAX_COMMIT_ATTEMPTS):
             # again after every re-read: the id may now name another model (or version)
-            info = self._model(session.model, session.version).info
+            model = self._model(session.model, session.version)
+            info = model.info
             if info is not checked:
                 xs, single = shape_inputs(item.x, info, self._max_steps)
                 check_finite(xs)
@@ -375,17 +394,20 @@ class Stepper:
                     continue
                 outputs = self._replay(session, item.session_id, seq, digest, info)
                 return StepOutcome(item.session_id, seq, outputs[0] if single else outputs)
-            [(ys, new_state, finite)] = await self._batchers[info.key].submit_many(
-                [xs], [session.state_array(info.state_shape)]
-            )
+            previous = session.state_array(info.state_shape)
+            cell = await asyncio.to_thread(model.gate_cell) if gates else None  # Unsupported before anything runs
+            [(ys, new_state, finite)] = await self._batchers[info.key].submit_many([xs], [previous])
             if not finite:
                 raise InvalidInput(OVERFLOW, "inputs")
+            trace = None
+            if cell is not None:
+                trace = await self._offload(info, len(xs), functools.partial(cell.trace, xs, np.array(previous)))
             outputs = ys[0] if single else ys
             after = session.stepped(seq, new_state, outputs, digest, self.store.now())
             result = await self._commit_one(StepWrite(session, after))
             if isinstance(result, Session):
                 self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
-                return StepOutcome(item.session_id, seq, outputs)
+                return StepOutcome(item.session_id, seq, outputs, trace)
             session = await self._lost_commit(result, session, key, item.session_id)
             fresh = True
         raise StoreUnavailable(f"session {item.session_id!r} is being changed elsewhere; retry")

@@ -10,8 +10,11 @@ must handle: a message it can read (its fields are then checked) and one it cann
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import secrets
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,10 +47,15 @@ UNARY: dict[str, type[Message]] = {
     "CloseSession": lstm_pb2.CloseSessionRequest,
     "Step": lstm_pb2.StepRequest,
     "Predict": lstm_pb2.PredictRequest,
+    "Forecast": lstm_pb2.ForecastRequest,
+    "ForkSession": lstm_pb2.ForkSessionRequest,
+    "ExportSession": lstm_pb2.ExportSessionRequest,
+    "ImportSession": lstm_pb2.ImportSessionRequest,
 }
 REQUEST_TYPES: dict[str, type[Message]] = {**UNARY, "StreamSteps": lstm_pb2.StepRequest}
 METHODS = list(REQUEST_TYPES)
 RUN = secrets.token_hex(3)
+FORK_SOURCE = f"raw-{RUN}-fork-source"
 HUGE_SHAPE = [0, 2**32 - 1, 2**32 - 1, 2**32 - 1]  # no element, so no bytes: yet numpy cannot represent the shape
 U64 = 2**64 - 1
 MIB = 1 << 20
@@ -194,11 +202,28 @@ def valid_requests(method: str, session_id: str) -> list[Message]:
         "Step": [
             lstm_pb2.StepRequest(session_id=session_id, seq=1, inputs=x),
             lstm_pb2.StepRequest(session_id=session_id, seq=2, inputs=xs),
+            lstm_pb2.StepRequest(session_id=session_id, seq=3, inputs=xs, with_gates=True),
         ],
         "Predict": [lstm_pb2.PredictRequest(model=MODEL, inputs=xs, h0=state, c0=state)],
+        "Forecast": [
+            lstm_pb2.ForecastRequest(session_id=session_id, inputs=xs),
+            lstm_pb2.ForecastRequest(model=MODEL, inputs=xs, h0=state, c0=state),
+        ],
+        "ForkSession": [lstm_pb2.ForkSessionRequest(session_id=FORK_SOURCE)],
+        "ExportSession": [lstm_pb2.ExportSessionRequest(session_id=session_id)],
+        "ImportSession": [lstm_pb2.ImportSessionRequest(blob=_blob())],
         "StreamSteps": [lstm_pb2.StepRequest(session_id=session_id, seq=1, inputs=x)],
     }
     return requests[method]
+
+
+def _blob() -> bytes:
+    """A session state blob of MODEL's shapes, built by hand from docs/api.md's layout (its fingerprint is made up:
+    intact, it is refused as another model's; changed, as corrupt)."""
+    header = {"model": MODEL, "version": "1", "fingerprint": "0" * 64, "num_layers": 2, "hidden_size": 16}
+    meta = json.dumps({**header, "dtype": "<f4", "seq": 1, "steps": 1}).encode()
+    body = b"\x89LSTMST\n" + struct.pack("<HI", 1, len(meta)) + meta + bytes(2 * 2 * 16 * 4)
+    return body + hashlib.sha256(body).digest()
 
 
 @st.composite
@@ -242,6 +267,8 @@ def session_id(channel: grpc.Channel) -> str:
         response_deserializer=lstm_pb2.SessionInfo.FromString,
     )
     info = create(lstm_pb2.CreateSessionRequest(model=MODEL, session_id=f"raw-{RUN}", idle_ttl=_duration(600)))
+    # The forks' source: of another model than MODEL, whose live-session gauge other tests count exactly.
+    create(lstm_pb2.CreateSessionRequest(model="elnino", session_id=FORK_SOURCE, idle_ttl=_duration(600)))
     return str(info.session_id)
 
 

@@ -56,21 +56,32 @@ def test_metrics_follow_the_traffic(server: RunningServer, client: Client) -> No
     assert _value(after, "process_resident_memory_bytes") > 0
 
 
-def _gauge_settles(server: RunningServer, expected: float, model: str) -> float:
-    """The gauge is refreshed from the store at every sweep (0.1 s in tests): poll a bounded number of times."""
+def _gauge_settles(server: RunningServer, expected: float, model: str) -> tuple[float, float]:
+    """The gauge is refreshed from the store at every sweep (0.1 s in tests): poll a bounded number of times. Sessions
+    that earlier tests (the fuzzers) left with short idle TTLs may expire meanwhile: the gauge is compared with
+    `expected` less the sessions of the model that expired since the test began. Returns (gauge, that target)."""
     for _ in range(50):
-        value = _value(_scrape(server), "lstm_sessions_active", model=model)
-        if value == expected:
+        metrics = _scrape(server)
+        value = _value(metrics, "lstm_sessions_active", model=model)
+        target = expected - _expired(metrics, model)
+        if value == target:
             break
         time.sleep(0.05)
-    return value
+    return value, target
+
+
+def _expired(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], model: str) -> float:
+    return metrics.get(("lstm_sessions_ended_total", frozenset({("model", model), ("reason", "expired")})), 0.0)
 
 
 def test_active_sessions_gauge(server: RunningServer, client: Client) -> None:
     time.sleep(0.25)  # a few sweeps: the gauge holds whatever earlier tests left
-    before = _value(_scrape(server), "lstm_sessions_active", model="golden_l2_wide")
+    metrics = _scrape(server)
+    before = _value(metrics, "lstm_sessions_active", model="golden_l2_wide") + _expired(metrics, "golden_l2_wide")
     sessions = [client.create_session("golden_l2_wide") for _ in range(3)]
-    assert _gauge_settles(server, before + 3, "golden_l2_wide") == before + 3
+    value, target = _gauge_settles(server, before + 3, "golden_l2_wide")
+    assert value == target
     for s in sessions:
         s.close()
-    assert _gauge_settles(server, before, "golden_l2_wide") == before
+    value, target = _gauge_settles(server, before, "golden_l2_wide")
+    assert value == target

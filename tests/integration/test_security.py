@@ -488,3 +488,30 @@ def test_client_options_are_checked(pki: Pki) -> None:
         Client("127.0.0.1:1", token="two words")
     with pytest.raises(FileNotFoundError):
         Client("127.0.0.1:1", tls=TlsConfig(ca=pki.ca.cert.with_name("missing.pem")))
+
+
+def test_forks_exports_and_forecasts_keep_to_the_tenant(authed: RunningServer) -> None:
+    """Issue 13: another tenant's session cannot be forked, exported or forecast from (it is an unknown one); a fork
+    and an import belong to the caller's tenant."""
+    with _client(authed, "alice") as alice, _client(authed, "bob") as bob:
+        mine = alice.create_session(MODEL, session_id="fork-me")
+        mine.step([25.0])
+        rows = np.array([[25.5], [np.nan]], np.float32)
+        for attempt in (
+            lambda: bob.fork_session("fork-me"),
+            lambda: bob.export_session("fork-me"),
+            lambda: bob.forecast(rows, session_id="fork-me"),
+        ):
+            with pytest.raises(NotFound) as err:
+                attempt()
+            assert err.value.reason == "unknown_session"
+        branch = alice.fork_session("fork-me", new_session_id="branch")
+        with pytest.raises(NotFound):
+            bob.session_info("branch")
+        blob = alice.export_session("fork-me")
+        imported = bob.import_session(blob, session_id="fork-me")  # bob's own session of that id, from alice's state
+        np.testing.assert_array_equal(imported.step([26.0]), mine.step([26.0]))
+        assert alice.session_info("fork-me").seq == 2
+        assert bob.session_info("fork-me").seq == 1
+        for session in (mine, branch, imported):
+            session.close()

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from lstm_serve.engine.backend import Backend
 from lstm_serve.engine.cell import F32
+from lstm_serve.engine.forecast import FeedbackLink
+from lstm_serve.engine.gates import GateCell
 from lstm_serve.engine.weights import ModelWeights, Normalization, check_metadata
+from lstm_serve.errors import Unsupported
+
+GATE_CHECK_TOLERANCE = 1e-4  # weights read out of an ONNX graph must reproduce the graph's step to this
 
 # What a batch hands each session: its outputs (T, O), its new state (2, L, H), and whether both are finite.
 StepResult = tuple[F32, F32, bool]
@@ -29,6 +36,7 @@ class ModelInfo:
     output_features: tuple[str, ...]
     normalized: bool
     parameters: int = 0
+    feedback: tuple[FeedbackLink, ...] = ()  # model.toml [forecast]: the outputs a forecast feeds back as inputs
 
     @property
     def key(self) -> tuple[str, int]:
@@ -42,11 +50,32 @@ class ModelInfo:
 
 
 class Model:
-    def __init__(self, info: ModelInfo, backend: Backend, normalization: Normalization | None) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        backend: Backend,
+        normalization: Normalization | None,
+        *,
+        weights: Callable[[], ModelWeights] | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        """`weights` gives the model's parameters for the gate computation (read only when first asked: an ONNX
+        graph's are extracted then); `fingerprint` identifies the parameters (a hash), so an exported session state
+        is imported only into the very same model."""
         self.info = info
         self.backend = backend
         self._norm = normalization
         self._inv_input_std = None if normalization is None else (1.0 / normalization.input_std).astype(np.float32)
+        self._weights = weights
+        self._gate_cell: GateCell | Unsupported | None = None
+        self._gate_lock = threading.Lock()
+        digest = hashlib.sha256(fingerprint.encode())
+        if normalization is not None:
+            for array in (normalization.input_mean, normalization.input_std):
+                digest.update(np.ascontiguousarray(array, "<f4").tobytes())
+            for array in (normalization.output_mean, normalization.output_std):
+                digest.update(np.ascontiguousarray(array, "<f4").tobytes())
+        self.fingerprint = digest.hexdigest()
 
     @classmethod
     def build(
@@ -62,9 +91,13 @@ class Model:
         input_features: tuple[str, ...],
         output_features: tuple[str, ...],
         metadata_prefix: str = "meta.",
+        feedback: tuple[FeedbackLink, ...] = (),
+        weights: Callable[[], ModelWeights] | None = None,
+        fingerprint: str = "",
     ) -> Model:
         """THE place a served model's description is made, whichever file it came from: its metadata checked
-        against its sizes (check_metadata), then its ModelInfo. `sizes`: input, hidden, layers, output."""
+        against its sizes (check_metadata), then its ModelInfo. `sizes`: input, hidden, layers, output; `feedback`:
+        its forecast table; `weights` and `fingerprint`: see __init__."""
         input_size, hidden_size, num_layers, output_size = sizes
         check_metadata(input_size, output_size, normalization, input_features, output_features, metadata_prefix)
         info = ModelInfo(
@@ -80,8 +113,9 @@ class Model:
             output_features=output_features,
             normalized=normalization is not None,
             parameters=parameters,
+            feedback=feedback,
         )
-        return cls(info, backend, normalization)
+        return cls(info, backend, normalization, weights=weights, fingerprint=fingerprint)
 
     @classmethod
     def from_weights(
@@ -97,7 +131,44 @@ class Model:
             normalization=weights.normalization,
             input_features=weights.input_features,
             output_features=weights.output_features,
+            weights=lambda: weights,
+            fingerprint=weights_fingerprint(weights),
         )
+
+    def gate_cell(self) -> GateCell:
+        """The plain cell on this model's weights (built once, in whichever thread asks first), or Unsupported with
+        the reason: no weights readable, or weights that do not reproduce the served backend's step."""
+        with self._gate_lock:
+            if self._gate_cell is None:
+                self._gate_cell = self._build_gate_cell()
+            cell = self._gate_cell
+        if isinstance(cell, Unsupported):
+            raise cell
+        return cell
+
+    def _build_gate_cell(self) -> GateCell | Unsupported:
+        if self._weights is None:
+            return Unsupported(f"model {self.info.name!r} cannot show its gates: its weights are not readable")
+        try:
+            weights = self._weights()
+        except Exception as exc:  # an ONNX graph whose LSTM the extractor does not understand
+            message = getattr(exc, "public", None) or type(exc).__name__
+            return Unsupported(f"model {self.info.name!r} cannot show its gates: {message}")
+        cell = GateCell(weights.layers, self._norm)
+        # The weights must be the ones the backend computes with: one step from a non-trivial state, compared.
+        rng = np.random.default_rng(13)
+        x = rng.standard_normal((1, self.info.input_size)).astype(np.float32)
+        state = (rng.standard_normal(self.info.state_shape) * 0.5).astype(np.float32)
+        [(_, served)] = self.run_batch([x], [state])
+        trace = cell.trace(x, state)
+        if not np.allclose(trace.h[0], served[0], atol=GATE_CHECK_TOLERANCE) or not np.allclose(
+            trace.c[0], served[1], atol=GATE_CHECK_TOLERANCE
+        ):
+            return Unsupported(
+                f"model {self.info.name!r} cannot show its gates: the weights read from its file do not reproduce "
+                "the served computation"
+            )
+        return cell
 
     def zero_state(self) -> F32:
         return np.zeros(self.info.state_shape, dtype=np.float32)
@@ -175,3 +246,13 @@ class Model:
         Y.flags.writeable = False
         S.flags.writeable = False
         return [(Y[: lengths[p], p], S[:, :, p], finite[p]) for p in positions]
+
+
+def weights_fingerprint(weights: ModelWeights) -> str:
+    """A hash of every parameter (shapes and float32 values, in a fixed order)."""
+    digest = hashlib.sha256()
+    arrays = [a for lw in weights.layers for a in (lw.W_ih, lw.W_hh, lw.b_ih, lw.b_hh)] + list(weights.head or ())
+    for array in arrays:
+        digest.update(repr(array.shape).encode())
+        digest.update(np.ascontiguousarray(array, "<f4").tobytes())
+    return digest.hexdigest()

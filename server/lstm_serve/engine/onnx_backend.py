@@ -10,6 +10,7 @@ the dynamo exporter is made symbolic again. One step = one `run` with seq = 1; O
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class OnnxBackend:
 
     def _load(self, model: onnx.ModelProto, threads: int) -> None:
         io = self.io
+        self.fingerprint = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()  # the graph as read
         for node in model.graph.node:
             if node.op_type == "LSTM":
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

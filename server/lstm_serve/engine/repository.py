@@ -30,16 +30,17 @@ import re
 import tomllib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from lstm_serve.engine import files
+from lstm_serve.engine.forecast import parse_forecast_table
 from lstm_serve.engine.model import Model
 from lstm_serve.engine.npz import load_npz
 from lstm_serve.engine.numpy_backend import NumpyBackend
 from lstm_serve.engine.onnx_backend import OnnxBackend, OnnxIO
-from lstm_serve.engine.weights import normalization_from
+from lstm_serve.engine.weights import ModelWeights, normalization_from
 from lstm_serve.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ CONFIG_FILE = "model.toml"
 BACKENDS = ("numpy", "onnx")
 _MODEL_KEYS = {"name", "description", "version_policy"}  # of the model (flat or model-level model.toml)
 _VERSION_KEYS = {"version", "description", "backend", "weights", "input_features", "output_features"}
-_TABLES = {"normalization", "onnx"}
+_TABLES = {"normalization", "onnx", "forecast"}
 _ONNX_KEYS = {"input", "h0", "c0", "output", "hn", "cn", "layout"}
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,8}")  # 1 .. 999999999, no leading zero: one spelling per version
 MAX_VERSIONS = 1000  # version directories looked at per model (the highest ones)
@@ -124,6 +125,7 @@ class ModelConfig:
     output_features: tuple[str, ...] = ()
     normalization: dict[str, list[float]] = field(default_factory=dict)
     onnx: dict[str, str] = field(default_factory=dict)
+    forecast: dict[str, Any] = field(default_factory=dict)  # [forecast]: checked against the model at load
 
     @classmethod
     def read(cls, directory: Path, *, name: str | None = None, version: int | None = None) -> ModelConfig:
@@ -161,6 +163,9 @@ class ModelConfig:
         onnx_table = raw.get("onnx", {})
         if set(onnx_table) - _ONNX_KEYS:
             raise error(f"unknown keys in [onnx] {sorted(set(onnx_table) - _ONNX_KEYS)}")
+        forecast = raw.get("forecast", {})
+        if not isinstance(forecast, dict):
+            raise error("[forecast] must be a table (feedback = {input = output}, increments = {...})")
         norm = raw.get("normalization", {})
         if backend == "numpy" and (norm or onnx_table or "input_features" in raw or "output_features" in raw):
             raise error(
@@ -182,6 +187,7 @@ class ModelConfig:
             output_features=tuple(str(f) for f in raw.get("output_features", [])),
             normalization=stats,
             onnx={k: str(v) for k, v in onnx_table.items()},
+            forecast=dict(forecast),
         )
 
     def onnx_io(self) -> OnnxIO:
@@ -197,6 +203,30 @@ def load_model(directory: Path, onnx_threads: int = 1, config: ModelConfig | Non
     names is confined to `directory`. Both backends end in Model.build: one check of the metadata, one ModelInfo."""
     if config is None:
         config = ModelConfig.read(directory)
+    model = _load_model(directory, onnx_threads, config)
+    if config.forecast:
+        i = model.info
+        try:
+            links = parse_forecast_table(
+                config.forecast, i.input_features, i.output_features, i.input_size, i.output_size
+            )
+        except ModelLoadError as exc:
+            path = directory / CONFIG_FILE
+            public = files.one_line(f"{CONFIG_FILE}: {exc.message}")
+            raise ModelLoadError(f"{path}: {exc.message}", public=public) from None
+        model.info = replace(model.info, feedback=links)
+    return model
+
+
+def _onnx_weights(path: Path) -> ModelWeights:
+    """The weights inside an ONNX graph (for the gate computation only). Imported here, when first needed: the
+    converters sit above the engine."""
+    from lstm_serve.convert.onnx_graph import weights_from_onnx
+
+    return weights_from_onnx(path)
+
+
+def _load_model(directory: Path, onnx_threads: int, config: ModelConfig) -> Model:
     if config.backend == "numpy":
         weights = load_npz(config.weights, directory)
         return Model.from_weights(
@@ -214,6 +244,8 @@ def load_model(directory: Path, onnx_threads: int = 1, config: ModelConfig | Non
         input_features=config.input_features,
         output_features=config.output_features,
         metadata_prefix="[normalization] ",
+        weights=lambda: _onnx_weights(config.weights),
+        fingerprint=backend.fingerprint,
     )
 
 

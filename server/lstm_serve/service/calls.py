@@ -237,6 +237,8 @@ class Calls:
         context: Context,
         take: Callable[[bytes, StreamReplies[Resp]], None],
         window: int,
+        *,
+        on_end: Callable[[grpc.StatusCode], None] | None = None,
     ) -> AsyncIterator[Resp]:
         """The grpc behaviour of a stream of independent requests, each answered in-band. `take(data, replies)`
         starts a request's work and returns at once; the work answers with `replies.answer(reply)`, exactly once,
@@ -247,7 +249,7 @@ class Calls:
 
         A stream that stops being read (the server drains for shutdown, or the stream sat idle past the limit) first
         answers every request it took, then ends with UNAVAILABLE: the client reconnects and resends what was not
-        answered.
+        answered. `on_end` is told how the stream ended (OK: the client ended it, having had every answer).
         """
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -292,6 +294,8 @@ class Calls:
                     else f"stream idle for {self.limits.stream_idle_timeout:g} s; reconnect when needed"
                 )
             reader.result()  # re-raises a failure of the request side
+            if context.cancelled():  # the client cancelled rather than half-closed: its request side just ended
+                code = grpc.StatusCode.CANCELLED
         except ShuttingDown as exc:
             code = status_code(exc)
             context.set_trailing_metadata(error_metadata(code, exc))
@@ -310,6 +314,8 @@ class Calls:
             reader.cancel()
             for pending in list(replies.tasks):
                 pending.cancel()
+            if on_end is not None:
+                on_end(code)
             self.leave(peer)
             self.finished(method, code, start)
 

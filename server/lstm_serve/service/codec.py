@@ -7,12 +7,13 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from lstm_client._proto.lstm.v1 import lstm_pb2
 from lstm_client.tensor import TensorDecodeError, from_tensor, to_tensor
 from lstm_serve import __version__
-from lstm_serve.dataplane import F32, ModelInfo, Session, SessionLimits, VersionView
+from lstm_serve.dataplane import F32, GateTrace, ModelInfo, Session, SessionLimits, VersionView
 from lstm_serve.errors import InvalidInput
 
 __all__ = [
     "decode_tensor",
     "failures",
+    "gates",
     "model_info",
     "seconds",
     "server_info",
@@ -78,6 +79,18 @@ def model_info(info: ModelInfo) -> lstm_pb2.ModelInfo:
         input_features=info.input_features,
         output_features=info.output_features,
         normalized=info.normalized,
+        feedback=[lstm_pb2.FeedbackLink(input=f.input, output=f.output, mode=f.mode) for f in info.feedback],
+    )
+
+
+def gates(trace: GateTrace) -> lstm_pb2.Gates:
+    return lstm_pb2.Gates(
+        forget=to_tensor(trace.forget),
+        input=to_tensor(trace.input),
+        output=to_tensor(trace.output),
+        candidate=to_tensor(trace.candidate),
+        c=to_tensor(trace.c),
+        h=to_tensor(trace.h),
     )
 
 

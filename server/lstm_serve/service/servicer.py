@@ -48,6 +48,11 @@ class LstmServicer:
             "Predict": (lstm_pb2.PredictRequest, self.Predict),
             "StepMany": (lstm_pb2.StepManyRequest, self.StepMany),
             "GetServerInfo": (lstm_pb2.GetServerInfoRequest, self.GetServerInfo),
+            # issue 13
+            "Forecast": (lstm_pb2.ForecastRequest, self.Forecast),
+            "ForkSession": (lstm_pb2.ForkSessionRequest, self.ForkSession),
+            "ExportSession": (lstm_pb2.ExportSessionRequest, self.ExportSession),
+            "ImportSession": (lstm_pb2.ImportSessionRequest, self.ImportSession),
         }
         serialize = lstm_pb2.StepReply.SerializeToString
         handlers = {
@@ -71,8 +76,16 @@ class LstmServicer:
 
     async def CreateSession(self, request: lstm_pb2.CreateSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
         ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
+        h0 = codec.decode_tensor(request.h0, "h0") if request.HasField("h0") else None
+        c0 = codec.decode_tensor(request.c0, "c0") if request.HasField("c0") else None
         session = await self.plane.create_session(
-            request.model, request.session_id or None, ttl, tenant=TENANT.get(), version=request.model_version or None
+            request.model,
+            request.session_id or None,
+            ttl,
+            tenant=TENANT.get(),
+            version=request.model_version or None,
+            h0=h0,
+            c0=c0,
         )
         return codec.session_info(session)
 
@@ -89,6 +102,8 @@ class LstmServicer:
         return lstm_pb2.CloseSessionResponse(session=codec.session_info(session))
 
     async def Step(self, request: lstm_pb2.StepRequest, context: Context) -> lstm_pb2.StepResponse:
+        if request.with_gates:
+            return await self._step_with_gates(request)
         x = codec.decode_tensor(request.inputs, "inputs")
         outcome = await self.plane.step(request.session_id, request.seq, x, tenant=TENANT.get())
         return lstm_pb2.StepResponse(
@@ -158,15 +173,79 @@ class LstmServicer:
             tenant_burst=self.calls.tenant_burst,
         )
 
+    # --- issue 13 -------------------------------------------------------------------------------------------------
+
+    async def _step_with_gates(self, request: lstm_pb2.StepRequest) -> lstm_pb2.StepResponse:
+        x = codec.decode_tensor(request.inputs, "inputs")
+        outcome = await self.plane.step_with_gates(request.session_id, request.seq, x, tenant=TENANT.get())
+        response = lstm_pb2.StepResponse(
+            session_id=outcome.session_id, seq=outcome.seq, outputs=codec.to_tensor(outcome.outputs)
+        )
+        if outcome.gates is not None:
+            response.gates.CopyFrom(codec.gates(outcome.gates))
+        return response
+
+    async def Forecast(self, request: lstm_pb2.ForecastRequest, context: Context) -> lstm_pb2.ForecastResponse:
+        x = codec.decode_tensor(request.inputs, "inputs")
+        h0 = codec.decode_tensor(request.h0, "h0") if request.HasField("h0") else None
+        c0 = codec.decode_tensor(request.c0, "c0") if request.HasField("c0") else None
+        outcome = await self.plane.forecast(
+            x,
+            session_id=request.session_id or None,
+            model_name=request.model or None,
+            h0=h0,
+            c0=c0,
+            tenant=TENANT.get(),
+        )
+        return lstm_pb2.ForecastResponse(
+            outputs=codec.to_tensor(outcome.outputs),
+            inputs=codec.to_tensor(outcome.inputs),
+            h=codec.to_tensor(outcome.h),
+            c=codec.to_tensor(outcome.c),
+            seq=outcome.seq,
+        )
+
+    async def ForkSession(self, request: lstm_pb2.ForkSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
+        ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
+        session = await self.plane.fork_session(
+            request.session_id, request.new_session_id or None, ttl, tenant=TENANT.get()
+        )
+        return codec.session_info(session)
+
+    async def ExportSession(
+        self, request: lstm_pb2.ExportSessionRequest, context: Context
+    ) -> lstm_pb2.ExportSessionResponse:
+        blob, session = await self.plane.export_session(request.session_id, tenant=TENANT.get())
+        return lstm_pb2.ExportSessionResponse(blob=blob, session=codec.session_info(session))
+
+    async def ImportSession(self, request: lstm_pb2.ImportSessionRequest, context: Context) -> lstm_pb2.SessionInfo:
+        ttl = codec.seconds(request.idle_ttl) if request.HasField("idle_ttl") else None
+        session = await self.plane.import_session(request.blob, request.session_id or None, ttl, tenant=TENANT.get())
+        return codec.session_info(session)
+
     async def StreamSteps(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[lstm_pb2.StepReply]:
         """Requests are taken as they arrive and answered as they finish (Calls.stream), so that the sessions sharing
         a stream (and the other streams' sessions) batch together; one session's requests keep their order through
         the data plane. No task per request: each becomes a future of the data plane whose callback answers."""
-        take = functools.partial(self._take, request_id(context), TENANT.get())
-        async for reply in self.calls.stream("StreamSteps", requests, context, take, STREAM_WINDOW):
+        tenant = TENANT.get()
+        bound = _bound_sessions(context)  # sessions closed with the stream (lstm-bind-sessions: 1)
+        take = functools.partial(self._take, request_id(context), tenant, bound)
+        on_end = None if bound is None else functools.partial(self._release_bound, bound, tenant)
+        async for reply in self.calls.stream("StreamSteps", requests, context, take, STREAM_WINDOW, on_end=on_end):
             yield reply
 
-    def _take(self, rid: str | None, tenant: str, data: bytes, stream: StreamReplies[lstm_pb2.StepReply]) -> None:
+    def _release_bound(self, bound: set[str], tenant: str, code: grpc.StatusCode) -> None:
+        if bound:
+            self.plane.release_bound(bound, tenant=tenant, ended_by_client=code == grpc.StatusCode.OK)
+
+    def _take(
+        self,
+        rid: str | None,
+        tenant: str,
+        bound: set[str] | None,
+        data: bytes,
+        stream: StreamReplies[lstm_pb2.StepReply],
+    ) -> None:
         """One request of a stream, answered in-band (its failure is its own, the stream goes on): parsed and
         checked here, then handed to the data plane, whose future's callback answers."""
         request: lstm_pb2.StepRequest | None = None
@@ -175,6 +254,8 @@ class LstmServicer:
             request = parse(lstm_pb2.StepRequest, data)
             reply.session_id, reply.seq = request.session_id, request.seq
             self.calls.charge()
+            if request.with_gates:
+                raise InvalidInput("with_gates is answered by Step only, not over StreamSteps", "with_gates")
             if request.steps:
                 if request.session_id or request.seq or request.HasField("inputs"):
                     raise InvalidInput("a request that carries steps names no session of its own")
@@ -185,7 +266,7 @@ class LstmServicer:
             self._answer(stream, reply, exc, request, rid)
             return
         future = self.plane.submit_step(request.session_id, request.seq, x, tenant=tenant)
-        future.add_done_callback(functools.partial(self._stepped, stream, reply, request, rid))
+        future.add_done_callback(functools.partial(self._stepped, stream, reply, request, rid, bound, tenant))
 
     def _stepped(
         self,
@@ -193,6 +274,8 @@ class LstmServicer:
         reply: lstm_pb2.StepReply,
         request: lstm_pb2.StepRequest,
         rid: str | None,
+        bound: set[str] | None,
+        tenant: str,
         future: asyncio.Future[StepOutcome],
     ) -> None:
         """The callback of a stream request's step: answers it, whatever happened (the stream waits for it)."""
@@ -205,6 +288,8 @@ class LstmServicer:
             try:
                 reply.outputs.CopyFrom(codec.to_tensor(future.result().outputs))
                 failure = None
+                if bound is not None:
+                    self.plane.bind(bound, reply.session_id, tenant=tenant)
             except Exception as exc:  # a bug: answered INTERNAL rather than left hanging
                 failure = exc
         self._answer(stream, reply, failure, request, rid)
@@ -238,6 +323,17 @@ class LstmServicer:
             self._answer_error(reply, exc, "StreamSteps.request", request, rid)
         self.metrics.stream_request(code.name)
         stream.answer(reply)
+
+
+BIND_SESSIONS_KEY = "lstm-bind-sessions"
+
+
+def _bound_sessions(context: Context) -> set[str] | None:
+    """A set to collect the sessions this stream steps, when its metadata binds them to it (lstm-bind-sessions: 1)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == BIND_SESSIONS_KEY and str(value).strip().lower() in ("1", "true"):
+            return set()
+    return None
 
 
 def _serialize(message: Any) -> bytes:

@@ -32,8 +32,10 @@ from lstm_serve.errors import (
     SessionExists,
     SessionNotFound,
     ShuttingDown,
+    StateMismatch,
     StoreUnavailable,
     Unauthenticated,
+    Unsupported,
 )
 
 STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
@@ -50,6 +52,8 @@ STATUS_CODES: dict[type[LstmServeError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ModelLoadError: grpc.StatusCode.INTERNAL,
+    StateMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"

@@ -58,7 +58,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "description", "backend", "input_size", "hidden_size", "num_layers", "output_size", "input_features", "output_features", "normalized", "state", "latest")
+    __slots__ = ("name", "version", "description", "backend", "input_size", "hidden_size", "num_layers", "output_size", "input_features", "output_features", "normalized", "state", "latest", "feedback")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class ModelInfo(_message.Message):
     NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -85,19 +86,24 @@ class ModelInfo(_message.Message):
     normalized: bool
     state: str
     latest: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., backend: _Optional[str] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_size: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., output_features: _Optional[_Iterable[str]] = ..., normalized: bool = ..., state: _Optional[str] = ..., latest: bool = ...) -> None: ...
+    feedback: _containers.RepeatedCompositeFieldContainer[FeedbackLink]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., backend: _Optional[str] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., output_size: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., output_features: _Optional[_Iterable[str]] = ..., normalized: bool = ..., state: _Optional[str] = ..., latest: bool = ..., feedback: _Optional[_Iterable[_Union[FeedbackLink, _Mapping]]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "session_id", "idle_ttl", "model_version")
+    __slots__ = ("model", "session_id", "idle_ttl", "model_version", "h0", "c0")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    H0_FIELD_NUMBER: _ClassVar[int]
+    C0_FIELD_NUMBER: _ClassVar[int]
     model: str
     session_id: str
     idle_ttl: _duration_pb2.Duration
     model_version: int
-    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    h0: Tensor
+    c0: Tensor
+    def __init__(self, model: _Optional[str] = ..., session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., model_version: _Optional[int] = ..., h0: _Optional[_Union[Tensor, _Mapping]] = ..., c0: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "model", "seq", "steps", "created", "last_used", "idle_ttl", "model_version")
@@ -144,26 +150,30 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "seq", "inputs", "steps")
+    __slots__ = ("session_id", "seq", "inputs", "steps", "with_gates")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    WITH_GATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     inputs: Tensor
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    with_gates: bool
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., with_gates: bool = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "seq", "outputs")
+    __slots__ = ("session_id", "seq", "outputs", "gates")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     outputs: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    gates: Gates
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., gates: _Optional[_Union[Gates, _Mapping]] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("session_id", "seq", "outputs", "error", "replies")
@@ -288,3 +298,91 @@ class ModelAdminResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     failures: _containers.RepeatedCompositeFieldContainer[ModelLoadFailure]
     def __init__(self, changes: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[ModelLoadFailure, _Mapping]]] = ...) -> None: ...
+
+class FeedbackLink(_message.Message):
+    __slots__ = ("input", "output", "mode")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    input: int
+    output: int
+    mode: str
+    def __init__(self, input: _Optional[int] = ..., output: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class ForecastRequest(_message.Message):
+    __slots__ = ("session_id", "model", "h0", "c0", "inputs")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    H0_FIELD_NUMBER: _ClassVar[int]
+    C0_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    model: str
+    h0: Tensor
+    c0: Tensor
+    inputs: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., h0: _Optional[_Union[Tensor, _Mapping]] = ..., c0: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ForecastResponse(_message.Message):
+    __slots__ = ("outputs", "inputs", "h", "c", "seq")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    H_FIELD_NUMBER: _ClassVar[int]
+    C_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    outputs: Tensor
+    inputs: Tensor
+    h: Tensor
+    c: Tensor
+    seq: int
+    def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., h: _Optional[_Union[Tensor, _Mapping]] = ..., c: _Optional[_Union[Tensor, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "new_session_id", "idle_ttl")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    new_session_id: str
+    idle_ttl: _duration_pb2.Duration
+    def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExportSessionResponse(_message.Message):
+    __slots__ = ("blob", "session")
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    session: SessionInfo
+    def __init__(self, blob: _Optional[bytes] = ..., session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("blob", "session_id", "idle_ttl")
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    session_id: str
+    idle_ttl: _duration_pb2.Duration
+    def __init__(self, blob: _Optional[bytes] = ..., session_id: _Optional[str] = ..., idle_ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Gates(_message.Message):
+    __slots__ = ("forget", "input", "output", "candidate", "c", "h")
+    FORGET_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    C_FIELD_NUMBER: _ClassVar[int]
+    H_FIELD_NUMBER: _ClassVar[int]
+    forget: Tensor
+    input: Tensor
+    output: Tensor
+    candidate: Tensor
+    c: Tensor
+    h: Tensor
+    def __init__(self, forget: _Optional[_Union[Tensor, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., candidate: _Optional[_Union[Tensor, _Mapping]] = ..., c: _Optional[_Union[Tensor, _Mapping]] = ..., h: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -95,6 +95,26 @@ class LstmServiceStub(object):
                 request_serializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Forecast = channel.unary_unary(
+                '/lstm.v1.LstmService/Forecast',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.ForecastRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.ForecastResponse.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/lstm.v1.LstmService/ForkSession',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/lstm.v1.LstmService/ExportSession',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/lstm.v1.LstmService/ImportSession',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.SessionInfo.FromString,
+                _registered_method=True)
 
 
 class LstmServiceServicer(object):
@@ -185,6 +205,37 @@ class LstmServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forecast(self, request, context):
+        """--- Issue 13: forecasts, forks, portable state (messages in the block at the end of this file) ---------------
+        Rolls a model forward `horizon` steps from a session's current state (or a given or zero state) without
+        committing anything: the session's state and seq are untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """A new session starting from an existing session's current state (seq 0 again); tenant rules as CreateSession.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """The session's state as a versioned, model-pinned blob, for ImportSession on any server serving the same model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A new session from an exported blob; foreign, corrupt or truncated blobs are INVALID_ARGUMENT, blobs of another
+        model (name, weights fingerprint or state shape) FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LstmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +293,26 @@ def add_LstmServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoRequest.FromString,
                     response_serializer=lstm_dot_v1_dot_lstm__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'Forecast': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forecast,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.ForecastRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.ForecastResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.ForkSessionRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.SessionInfo.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.ExportSessionRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.ImportSessionRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.SessionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -541,6 +612,114 @@ class LstmService(object):
             '/lstm.v1.LstmService/GetServerInfo',
             lstm_dot_v1_dot_lstm__pb2.GetServerInfoRequest.SerializeToString,
             lstm_dot_v1_dot_lstm__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forecast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.LstmService/Forecast',
+            lstm_dot_v1_dot_lstm__pb2.ForecastRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.ForecastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.LstmService/ForkSession',
+            lstm_dot_v1_dot_lstm__pb2.ForkSessionRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.LstmService/ExportSession',
+            lstm_dot_v1_dot_lstm__pb2.ExportSessionRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.LstmService/ImportSession',
+            lstm_dot_v1_dot_lstm__pb2.ImportSessionRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,

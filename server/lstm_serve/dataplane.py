@@ -144,6 +144,7 @@ class DataPlane:
             max_steps=limits.max_steps_per_request,
             inline_max_steps=limits.inline_max_steps,
             max_wait=limits.max_batch_wait,
+            max_batch=limits.max_batch,
             load=self._load,
             fitting=self._fitting,
             commit=self._commit,

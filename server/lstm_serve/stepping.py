@@ -281,6 +281,7 @@ class Stepper:
             return
         jobs: dict[tuple[str, int], list[_Job]] = {}  # by model version
         general: list[tuple[int, str, Session, Stale | None]] = []  # to the single step's path, lock held
+        infos: dict[tuple[str, int], ModelInfo | None] = {}  # looked up once per model version in the batch
         for (key, i), session in zip(mine.items(), found, strict=True):
             item = items[i]
             if isinstance(session, SessionNotFound):
@@ -289,9 +290,14 @@ class Stepper:
             if item.seq != session.seq + 1:
                 general.append((i, key, session, None))
                 continue
-            try:
-                info = self._model(session.model, session.version).info
-            except ModelNotFound:  # a version not served here: `_fitting` adopts it, or ends the session
+            pin = (session.model, session.version)
+            if pin not in infos:
+                try:
+                    infos[pin] = self._model(session.model, session.version).info
+                except ModelNotFound:  # a version not served here: `_fitting` adopts it, or ends the session
+                    infos[pin] = None
+            info = infos[pin]
+            if info is None:
                 general.append((i, key, session, None))
                 continue
             if not session.fits(info.state_shape, info.output_size):

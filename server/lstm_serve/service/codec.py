@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from lstm_client._proto.lstm.v1 import lstm_pb2
-from lstm_client.tensor import TensorDecodeError, from_tensor, to_tensor
+from lstm_client.tensor import WIRE_DTYPE, TensorDecodeError, from_tensor, to_tensor
 from lstm_serve import __version__
 from lstm_serve.dataplane import F32, GateTrace, ModelInfo, Session, SessionLimits, VersionView
 from lstm_serve.errors import InvalidInput
@@ -13,6 +13,7 @@ from lstm_serve.errors import InvalidInput
 __all__ = [
     "decode_tensor",
     "failures",
+    "fill_tensor",
     "gates",
     "model_info",
     "seconds",
@@ -32,6 +33,13 @@ def decode_tensor(tensor: lstm_pb2.Tensor, name: str) -> F32:
         return from_tensor(tensor)
     except TensorDecodeError as exc:
         raise InvalidInput(f"{name}: {exc}", name) from None
+
+
+def fill_tensor(tensor: lstm_pb2.Tensor, array: F32) -> None:
+    """Writes `array` into a reply's tensor field in place: the many-session path does this per session, and a
+    Tensor built apart and then copied in costs twice."""
+    tensor.shape.extend(array.shape)
+    tensor.data = array.astype(WIRE_DTYPE, copy=False).tobytes()
 
 
 def seconds(duration: duration_pb2.Duration) -> float:

@@ -132,7 +132,7 @@ class LstmServicer:
         outcomes = await self.plane.step_many(items, tenant=tenant)
         for i, outcome in zip(taken, outcomes, strict=True):
             if isinstance(outcome, StepOutcome):
-                replies[i].outputs.CopyFrom(codec.to_tensor(outcome.outputs))
+                codec.fill_tensor(replies[i].outputs, outcome.outputs)
             else:
                 self._answer_error(replies[i], outcome, method, steps[i], rid)
         return replies

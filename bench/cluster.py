@@ -309,17 +309,3 @@ def markdown(results: Results) -> list[str]:
         *NOTES,
         "",
     ]
-
-
-def splice(document: str, section: list[str], before: str = "## Reading these figures") -> str:
-    """The document with this section replaced (or, the first time, inserted before `before`, else appended)."""
-    lines = document.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    elif before in lines:
-        start = end = lines.index(before)
-    else:
-        start = end = len(lines)
-        section = ["", *section]
-    return "\n".join([*lines[:start], *section, *lines[end:]])

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import ALL_CPUS, Placement, cpu_seconds, pin
-from bench.rows import DEMO, Load, Row, summary
+from bench.rows import DEMO, Load, Row, fmt_row, summary
 from bench.servers import echo_server, lstm_server
 from lstm_client.loadtest import run_load
 
+SECTION = "## The server's own cost: pinned, CPU per message"
 SINGLE = [Load("unary", 64), Load("stream", 64)]
 MANY = [Load("unary", 64, per_message=64), Load("stream", 64, per_stream=64, per_message=64)]
 
@@ -90,3 +91,19 @@ def run(model_dir: Path, seconds: float, placement: Placement) -> tuple[list[Row
             )
         )
     return rows, placement.describe()
+
+
+def markdown(rows: list[Row], where: str) -> list[str]:
+    return [
+        SECTION,
+        "",
+        f"Each server alone on its core(s), the load generator on another ({where}); the server's user + system CPU",
+        "time from /proc over each run, divided by the messages it answered. The echo server is the ceiling: what",
+        "grpc.aio itself costs per message. A many-sessions message (StepMany, or a stream request carrying 64",
+        "sessions' steps) is counted per step and compared with echo's cost per message of the same kind of call.",
+        "",
+        "| scenario | lstm-serve | echo ceiling | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+        *(fmt_row(r) for r in rows),
+        "",
+    ]

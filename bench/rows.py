@@ -76,3 +76,19 @@ def cpu_model() -> str:
         if "model name" in line:
             return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+def splice(document: str, section: list[str], before: str = "## Reading these figures") -> str:
+    """The document with the section headed by section[0] replaced (or, the first time, inserted before `before`,
+    else appended): `--only` runs rewrite their own section of docs/performance.md and leave the rest."""
+    lines = document.splitlines()
+    heading = section[0]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    elif before in lines:
+        start = end = lines.index(before)
+    else:
+        start = end = len(lines)
+        section = ["", *section]
+    return "\n".join([*lines[:start], *section, *lines[end:]])

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench import backends, cluster, long_requests, pinned
 from bench.latency import _measure as sequential_latency
 from bench.measure import Placement
-from bench.rows import DEMO, Load, Row, cpu_model, fmt_row, throughput
+from bench.rows import DEMO, Load, Row, cpu_model, fmt_row, splice, throughput
 from bench.servers import REPO, Server, echo_server, lstm_serve_argv, lstm_server
 from lstm_client import Client
 from lstm_client._calls import step_request
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         choices=["cluster", "pinned"],
-        help="run one section; cluster: rewrite only its part of docs/performance.md; pinned: print it only",
+        help="run one section and rewrite only its part of docs/performance.md",
     )
     parser.add_argument("--no-pin", action="store_true", help="cluster section: leave every process on every CPU")
     parser.add_argument("--cluster-seconds", type=float, default=3.0, help="cluster section: length of each run")
@@ -146,20 +146,31 @@ def main() -> None:
     if args.only == "cluster":
         section = run_cluster(args, placement)
         if not args.no_write:
-            report.write_text(cluster.splice(report.read_text(), section))
+            report.write_text(splice(report.read_text(), section))
             print(f"wrote the cluster section of {report.relative_to(REPO)}")
         return
     if args.only == "pinned":
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / DEMO).symlink_to(REPO / "models" / DEMO)
-            rows, where = pinned.run(Path(tmp), args.seconds, placement)
-        print(where)
-        print("\n".join(fmt_row(r) for r in rows))
+        section = run_pinned(args, placement)
+        if not args.no_write:
+            report.write_text(splice(report.read_text(), section))
+            print(f"wrote the pinned section of {report.relative_to(REPO)}")
         return
-    rows, backend_lines = run_core(args, placement)
-    section = run_cluster(args, placement)
+    rows, backend_lines = run_core(args)
+    section = run_pinned(args, placement) + run_cluster(args, placement)
     if not args.no_write:
         write_report(rows, args, backend_lines, section)
+
+
+def run_pinned(args: argparse.Namespace, placement: Placement) -> list[str]:
+    """The section "The server's own cost" (bench/pinned.py), as markdown lines."""
+    if not placement.pinned:
+        return [pinned.SECTION, "", "Not measured in this run: one CPU, or --no-pin.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / DEMO).symlink_to(REPO / "models" / DEMO)
+        rows, where = pinned.run(Path(tmp), args.seconds, placement)
+    for row in rows:
+        print(fmt_row(row), flush=True)
+    return pinned.markdown(rows, where)
 
 
 def run_cluster(args: argparse.Namespace, placement: Placement) -> list[str]:
@@ -171,7 +182,7 @@ def run_cluster(args: argparse.Namespace, placement: Placement) -> list[str]:
     return cluster.markdown(cluster.run(args.cluster_seconds, placement, args.cluster_rounds))
 
 
-def run_core(args: argparse.Namespace, placement: Placement) -> tuple[list[Row], list[str]]:
+def run_core(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     """lstm-serve against the echo ceiling, batching, memory, start-up, backends: rows and the backends' markdown."""
     rows: list[Row] = []
 
@@ -226,11 +237,6 @@ def run_core(args: argparse.Namespace, placement: Placement) -> tuple[list[Row],
                 batch = mean_batch(server, before)
                 label = f"demo, {load.label()}: steps/s (mean batch {batch:.1f}, errors {errors})"
                 emit(Row(label, steps, "steps/s", echo_rates[load], target))
-
-        # 2b. the server's own CPU per message, pinned (and the many-sessions message)
-        if placement.pinned:
-            for row in pinned.run(model_dir, args.seconds, placement)[0]:
-                emit(row)
 
         # 3. the big model: batching on and off
         big_loads = [Load("unary", 64), Load("stream", 256, per_stream=16)]
@@ -319,10 +325,7 @@ def write_report(rows: list[Row], args: argparse.Namespace, backend_lines: list[
         "",
         "Models: demo = `models/elnino` (I=1, 2 x LSTM(32), O=1, computed on the event loop);",
         "H=512 = I=16, 1 x LSTM(512), O=8, random weights (computed in one compute thread, BLAS pinned to 1 thread).",
-        "Batching off = `--max-batch 1`. Rows marked pinned: the server on CPU 0, the load generator on the last",
-        "CPU (bench/pinned.py); server CPU per message is its user + system time from /proc over the run, divided by",
-        "the messages it answered; a many-sessions message (StepMany, or a stream request carrying 64 sessions'",
-        "steps) is compared per step with echo's cost per message.",
+        "Batching off = `--max-batch 1`.",
         "",
         *backend_lines,
         *cluster_lines,

@@ -286,7 +286,7 @@ class LstmServicer:
             failure = exc if isinstance(exc, Exception) else RuntimeError(exc)
         else:
             try:
-                reply.outputs.CopyFrom(codec.to_tensor(future.result().outputs))
+                codec.fill_tensor(reply.outputs, future.result().outputs)
                 failure = None
                 if bound is not None:
                     self.plane.bind(bound, reply.session_id, tenant=tenant)

@@ -155,6 +155,8 @@ class Metrics:
                 "metrics": "on" if self.enabled else "off",
             }
         )
+        if not self.enabled:  # the metrics below are made in a registry nobody reads, then replaced by no-ops
+            r = CollectorRegistry()
         self.model_info = Gauge(
             "lstm_model_info",
             "1 for every model version served, with its backend and state (ready, unloading); refreshed every sweep.",
@@ -322,7 +324,7 @@ class Metrics:
         self._streams: dict[str, StreamSeries] = {}
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
-        if not self.enabled:  # every metric recorded from here on becomes a no-op (the registry keeps the process's)
+        if not self.enabled:
             for name, value in list(vars(self).items()):
                 if isinstance(value, Counter | Gauge | Histogram):
                     setattr(self, name, OFF)
@@ -374,15 +376,19 @@ class Metrics:
         self.draining.set_function(draining)
 
     def models_served(self, versions: list[tuple[str, int, str, str]]) -> None:
-        """lstm_model_info for the versions served now, (name, version, backend, state) each; every model's
-        session-end reasons at zero."""
+        """lstm_model_info for the versions served now, (name, version, backend, state) each; every model's other
+        series (session-end reasons, replays, conflicts, the step latency split) at zero from the start."""
         labels = {(name, str(version), backend, state) for name, version, backend, state in versions}
         for gone in self._model_info_labels - labels:
             self.model_info.remove(*gone)
         for new in labels - self._model_info_labels:
             self.model_info.labels(*new).set(1)
+            name = new[0]
             for reason in SESSION_END_REASONS:
-                self.sessions_ended.labels(model=new[0], reason=reason)
+                self.child(self.sessions_ended, name, reason)
+            for metric in (self.replayed_steps, self.commit_conflicts, self.step_wait, self.step_compute):
+                self.child(metric, name)
+            self.child(self.step_store, name)
         self._model_info_labels = labels
 
     def store_call(self, op: str, seconds: float, items: int, ok: bool) -> None:

@@ -170,14 +170,14 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
             ("loaded", "sum(lstm_models_loaded)"),
             ("failed to load", "sum(lstm_model_load_failures)"),
             ("targets up", 'sum(up{job="lstm-serve"})'),
-            ("versions {{state}}", "count by (state) (lstm_model_info)"),
+            ("versions {{state}}", "count by (state) (lstm_model_info == 1)"),
         ],
         "Models served and models that failed to load (ListModels says why); versions ready and unloading.",
     ),
     (
         "Versions served",
         "short",
-        [("{{model}} v{{version}} {{backend}} {{state}} ({{instance}})", "lstm_model_info")],
+        [("{{model}} v{{version}} {{backend}} {{state}} ({{instance}})", "lstm_model_info == 1")],
         "One line per model version a replica serves, with its backend and state.",
     ),
     (

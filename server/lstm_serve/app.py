@@ -365,13 +365,14 @@ class App:
     async def _watch_loop_lag(self) -> None:
         """How late the event loop wakes a timer: every request, unary or in a stream, waits that long before any of
         its code runs, and no per-request timer sees it (they start when the request's code does). Rises with
-        overload long before the loop stops answering."""
+        overload long before the loop stops answering. The call gauges are sampled here too."""
         loop = asyncio.get_running_loop()
-        observe = self.metrics.loop_lag.observe
+        observe, sample = self.metrics.loop_lag.observe, self.metrics.sample
         while True:
             due = loop.time() + LAG_SAMPLE_INTERVAL
             await asyncio.sleep(LAG_SAMPLE_INTERVAL)
             observe(max(0.0, loop.time() - due))
+            sample()  # the call gauges, at the same pace
 
     async def _sweep_forever(self) -> None:
         while True:

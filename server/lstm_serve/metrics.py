@@ -93,6 +93,17 @@ def _version(package: str) -> str:
         return "none"
 
 
+def build_labels() -> dict[str, str]:
+    """lstm_build_info's labels: this server's version and the libraries that compute and serve."""
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "grpc": _version("grpcio"),
+        "numpy": _version("numpy"),
+        "onnxruntime": _version("onnxruntime"),
+    }
+
+
 class GrpcSeries:
     """One method's grpc_server_* series (the grpc-ecosystem names), looked up once when the method is registered or
     a stream opens; `handled(code)` for the codes of COMMON_CODES is a dict lookup."""
@@ -145,16 +156,7 @@ class Metrics:
             "Versions of the running server and of the libraries that compute and serve (value 1).",
             registry=r,
         )
-        self.build.info(
-            {
-                "version": __version__,
-                "python": platform.python_version(),
-                "grpc": _version("grpcio"),
-                "numpy": _version("numpy"),
-                "onnxruntime": _version("onnxruntime"),
-                "metrics": "on" if self.enabled else "off",
-            }
-        )
+        self.build.info(build_labels() | {"metrics": "on" if self.enabled else "off"})
         if not self.enabled:  # the metrics below are made in a registry nobody reads, then replaced by no-ops
             r = CollectorRegistry()
         self.model_info = Gauge(
@@ -162,6 +164,7 @@ class Metrics:
             "1 for every model version served, with its backend and state (ready, unloading); refreshed every sweep.",
             ["model", "version", "backend", "state"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self._model_info_labels: set[tuple[str, str, str, str]] = set()
         self.rpcs = Counter(
@@ -235,14 +238,22 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+        # Sampled with the loop lag (every 0.25 s), not kept per call: nothing on the call path, and with --workers
+        # (prometheus-client's multiprocess mode) a gauge is only what was last written.
         self.calls_in_flight = Gauge(
-            "lstm_calls_in_flight", "Unary calls in progress plus open streams (--max-calls bounds it).", registry=r
+            "lstm_calls_in_flight",
+            "Unary calls in progress plus open streams (--max-concurrent-rpcs bounds it); sampled 4 times a second.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.streams_open = Gauge("lstm_streams_open", "Streams open.", registry=r)
+        self.streams_open = Gauge(
+            "lstm_streams_open", "Streams open; sampled 4 times a second.", registry=r, multiprocess_mode="livesum"
+        )
         self.draining = Gauge(
             "lstm_draining",
             "1 while the server drains for shutdown (its UNAVAILABLE answers are expected).",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.steps = Counter("lstm_steps", "Time steps computed for sessions, by model.", ["model"], registry=r)
         self.replayed_steps = Counter(
@@ -320,6 +331,7 @@ class Metrics:
             multiprocess_mode="max",
         )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._call_counts: tuple[Callable[[], float], Callable[[], float], Callable[[], float]] | None = None
         self._grpc: dict[tuple[str, str, str], GrpcSeries] = {}
         self._streams: dict[str, StreamSeries] = {}
         self._http: WSGIServer | None = None
@@ -370,16 +382,24 @@ class Metrics:
     def watch_calls(
         self, in_flight: Callable[[], float], streams: Callable[[], float], draining: Callable[[], float]
     ) -> None:
-        """The call gauges read at scrape time from the admission gate (service/calls.py): nothing to record."""
-        self.calls_in_flight.set_function(in_flight)
-        self.streams_open.set_function(streams)
-        self.draining.set_function(draining)
+        """Where the call gauges are read from (the admission gate, service/calls.py); `sample` reads them."""
+        self._call_counts = (in_flight, streams, draining)
+        self.sample()
+
+    def sample(self) -> None:
+        """Sets the sampled gauges (App calls it with each event-loop lag sample)."""
+        if self._call_counts is not None:
+            in_flight, streams, draining = self._call_counts
+            self.calls_in_flight.set(in_flight())
+            self.streams_open.set(streams())
+            self.draining.set(draining())
 
     def models_served(self, versions: list[tuple[str, int, str, str]]) -> None:
         """lstm_model_info for the versions served now, (name, version, backend, state) each; every model's other
         series (session-end reasons, replays, conflicts, the step latency split) at zero from the start."""
         labels = {(name, str(version), backend, state) for name, version, backend, state in versions}
         for gone in self._model_info_labels - labels:
+            self.model_info.labels(*gone).set(0)  # what a worker's file keeps under --workers
             self.model_info.remove(*gone)
         for new in labels - self._model_info_labels:
             self.model_info.labels(*new).set(1)

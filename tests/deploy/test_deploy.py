@@ -232,7 +232,7 @@ def _until_firing(prometheus: str, alert: str) -> list[Any]:
 
 def _stream(server: RunningServer, requests: list[lstm_pb2.StepRequest]) -> list[lstm_pb2.StepReply]:
     with grpc.insecure_channel(server.target) as channel:
-        return list(lstm_pb2_grpc.LstmServiceStub(channel).StreamSteps(iter(requests), timeout=60))
+        return list(lstm_pb2_grpc.LstmServiceStub(channel).StreamSteps(iter(requests), timeout=60))  # type: ignore[no-untyped-call]
 
 
 def _step(session_id: str, seq: int, x: np.ndarray) -> lstm_pb2.StepRequest:
@@ -284,7 +284,7 @@ def test_alerts_tell_caller_faults_from_server_faults_and_see_overload(
     # 3. Overload: a backend that takes 0.2 s a step, on the event loop, delays stream requests and the loop alike.
     slow_step = backend.step
 
-    def slow(*args: object) -> object:
+    def slow(*args: Any) -> Any:
         time.sleep(0.2)
         return slow_step(*args)
 

@@ -121,8 +121,7 @@ def test_error_series_exist_before_any_error(server: RunningServer) -> None:
         for method in ("StreamSteps", "ModelStreamInfer"):
             assert ("lstm_stream_requests_total", frozenset({("method", method), ("code", code)})) in metrics
     for reason in ("closed", "expired", "evicted"):
-        labels = frozenset({("model", "elnino"), ("reason", reason)})
-        assert ("lstm_sessions_ended_total", labels) in metrics
+        assert ("lstm_sessions_ended_total", frozenset({("model", "elnino"), ("reason", reason)})) in metrics
 
 
 def test_build_and_model_info(server: RunningServer, client: Client) -> None:
@@ -155,11 +154,15 @@ def test_stream_requests_are_timed_and_their_errors_counted(server: RunningServe
             yield item
 
     with grpc.insecure_channel(server.target) as channel:
-        replies = lstm_pb2_grpc.LstmServiceStub(channel).StreamSteps(feed(), timeout=30)
+        replies = lstm_pb2_grpc.LstmServiceStub(channel).StreamSteps(feed(), timeout=30)  # type: ignore[no-untyped-call]
         requests.put(lstm_pb2.StepRequest(session_id=session.id, seq=1, inputs=to_tensor(np.zeros(3))))
         first = next(replies)
         assert first.seq == 1
-        open_now = _scrape(server)  # the stream is open: it counts as a call in flight
+        for _ in range(40):  # the stream is open: it counts as a call in flight (sampled 4 times a second)
+            open_now = _scrape(server)
+            if _value(open_now, "lstm_streams_open") >= 1:
+                break
+            time.sleep(0.05)
         assert _value(open_now, "lstm_streams_open") >= 1
         assert _value(open_now, "lstm_calls_in_flight") >= 1
         assert _value(open_now, "lstm_draining") == 0
@@ -197,7 +200,12 @@ def test_a_blocked_event_loop_shows_as_lag(server: RunningServer) -> None:
     count_before = _value(_scrape(server), "lstm_event_loop_lag_seconds_count")
     loop = server.loop
     blocked = threading.Event()
-    loop.call_soon_threadsafe(lambda: (time.sleep(0.6), blocked.set()))
+
+    def block() -> None:
+        time.sleep(0.6)
+        blocked.set()
+
+    loop.call_soon_threadsafe(block)
     assert blocked.wait(10)
     time.sleep(0.5)
     after = _scrape(server)

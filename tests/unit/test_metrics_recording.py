@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from prometheus_client import generate_latest
@@ -103,7 +105,7 @@ def test_metrics_off_records_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """LSTM_SERVE_METRICS=off: the diagnostic that measures what the metrics cost. Nothing the server records shows;
     the settings, which forbid unknown LSTM_SERVE_ variables, still load."""
     monkeypatch.setenv("LSTM_SERVE_METRICS", "off")
-    Settings(model_dir=".")  # type: ignore[call-arg]
+    Settings(model_dir=Path("."))  # type: ignore[call-arg]
     metrics = Metrics()
     assert not metrics.enabled
     metrics.rpc_finished("Step", "OK", 0.001)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 STREAM_WINDOW = 256  # requests of one stream in flight (computing or waiting to be sent) at most
-STREAM_REQUEST = "ModelStreamInfer.request"  # the method label of a stream's requests in metrics and logs
+STREAM_REQUEST = "ModelStreamInfer.request"  # the method field of a stream request's log lines
 
 
 class OipServicer:

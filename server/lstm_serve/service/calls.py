@@ -254,11 +254,11 @@ class Calls:
         service: str = "",
     ) -> AsyncIterator[Resp]:
         """The grpc behaviour of a stream of independent requests, each answered in-band. `take(data, replies)`
-        starts a request's work and returns at once; the work answers with `replies.answer(reply, code, arrived)`, exactly once,
-        from a future's callback (no task per request) or from `replies.spawn`. Requests are taken as they arrive,
-        at most `window` unanswered, and answered as they finish; what must stay in order (one session's steps) is
-        ordered by the data plane. The stream is admitted like a call; each request pays its tenant's rate in
-        `take`.
+        starts a request's work and returns at once; the work answers with `replies.answer(reply, code, arrived)`,
+        exactly once, from a future's callback (no task per request) or from `replies.spawn`. Requests are taken as
+        they arrive, at most `window` unanswered, and answered as they finish; what must stay in order (one
+        session's steps) is ordered by the data plane. The stream is admitted like a call; each request pays its
+        tenant's rate in `take`.
 
         A stream that stops being read (the server drains for shutdown, or the stream sat idle past the limit) first
         answers every request it took, then ends with UNAVAILABLE: the client reconnects and resends what was not

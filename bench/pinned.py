@@ -5,7 +5,8 @@ Throughput alone mixes the server's cost with the load generator's when both sha
 the server's own, and what sizing a deployment needs.
 
 The metrics' own cost is measured the same way: the stream load against a server with metrics on and one with
-LSTM_SERVE_METRICS=off (every lstm_*/grpc_* series a no-op), alternated to spread the machine's drift over both.
+LSTM_SERVE_METRICS=off (every lstm_*/grpc_* series a no-op): fresh servers, each warmed up by a short run, metrics
+off and on alternated to spread the machine's drift over both.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def run(model_dir: Path, seconds: float, placement: Placement) -> tuple[list[Row
             pin([server.proc.pid], placement.servers)
             for load in SINGLE + MANY:
                 ours[load] = _cost(server.proc.pid, server.target, load, seconds)
-        metrics_on: list[Cost] = [ours[METRICS_LOAD]]
+        metrics_on: list[Cost] = []
         metrics_off: list[Cost] = []
-        for enabled in (False, True, False):
+        for enabled in (False, True, False, True):  # fresh servers alike, each warmed up by a short run first
             with lstm_server(model_dir, "--models", DEMO, env={"LSTM_SERVE_METRICS": "on" if enabled else "off"}) as s:
                 pin([s.proc.pid], placement.servers)
+                _cost(s.proc.pid, s.target, METRICS_LOAD, 1.0)
                 (metrics_on if enabled else metrics_off).append(_cost(s.proc.pid, s.target, METRICS_LOAD, seconds))
     finally:
         pin([os.getpid()], ALL_CPUS)

@@ -3,6 +3,10 @@ and the server's CPU time per message read from /proc over the run, for the echo
 
 Throughput alone mixes the server's cost with the load generator's when both share the cores; CPU per message is
 the server's own, and what sizing a deployment needs.
+
+The metrics' own cost is measured the same way: the stream load against a server with metrics on and one with
+LSTM_SERVE_METRICS=off (every lstm_*/grpc_* series a no-op): fresh servers, each warmed up by a short run, metrics
+off and on alternated to spread the machine's drift over both.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from lstm_client.loadtest import run_load
 
 SECTION = "## The server's own cost: pinned, CPU per message"
 SINGLE = [Load("unary", 64), Load("stream", 64)]
+METRICS_LOAD = SINGLE[1]  # the main path: per-request stream latency, per-message grpc counters, batch timings
 MANY = [Load("unary", 64, per_message=64), Load("stream", 64, per_stream=64, per_message=64)]
 
 
@@ -56,6 +61,13 @@ def run(model_dir: Path, seconds: float, placement: Placement) -> tuple[list[Row
             pin([server.proc.pid], placement.servers)
             for load in SINGLE + MANY:
                 ours[load] = _cost(server.proc.pid, server.target, load, seconds)
+        metrics_on: list[Cost] = []
+        metrics_off: list[Cost] = []
+        for enabled in (False, True, False, True):  # fresh servers alike, each warmed up by a short run first
+            with lstm_server(model_dir, "--models", DEMO, env={"LSTM_SERVE_METRICS": "on" if enabled else "off"}) as s:
+                pin([s.proc.pid], placement.servers)
+                _cost(s.proc.pid, s.target, METRICS_LOAD, 1.0)
+                (metrics_on if enabled else metrics_off).append(_cost(s.proc.pid, s.target, METRICS_LOAD, seconds))
     finally:
         pin([os.getpid()], ALL_CPUS)
     for load in SINGLE:
@@ -90,6 +102,7 @@ def run(model_dir: Path, seconds: float, placement: Placement) -> tuple[list[Row
                 ">= 20 x echo msg/s",
             )
         )
+    rows.append(_metrics_cost(metrics_on, metrics_off))
     return rows, placement.describe()
 
 
@@ -107,3 +120,18 @@ def markdown(rows: list[Row], where: str) -> list[str]:
         *(fmt_row(r) for r in rows),
         "",
     ]
+
+
+def _metrics_cost(on: list[Cost], off: list[Cost]) -> Row:
+    def mean(costs: list[Cost]) -> float:
+        return sum(c.cpu_us_per_message for c in costs) / len(costs)
+
+    errors = sum(c.errors for c in on + off)
+    return Row(
+        f"pinned, {METRICS_LOAD.label()}: server CPU per message with metrics, vs LSTM_SERVE_METRICS=off "
+        f"(mean of {len(on)} runs each, errors {errors})",
+        mean(on),
+        "us",
+        mean(off),
+        "<= 1.05 x off",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -48,8 +49,9 @@ def metric_sum(url: str, name: str) -> float:
 
 
 @contextmanager
-def _process(argv: list[str], pattern: str, stream: str) -> Iterator[Server]:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+def _process(argv: list[str], pattern: str, stream: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    environ = None if env is None else os.environ | env
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=environ)
     try:
         pipe = proc.stdout if stream == "stdout" else proc.stderr
         assert pipe is not None
@@ -92,7 +94,8 @@ def lstm_serve_argv(model_dir: Path, *flags: str) -> list[str]:
 
 
 @contextmanager
-def lstm_server(model_dir: Path, *flags: str) -> Iterator[Server]:
+def lstm_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`env`: variables added to this process's environment for the server (e.g. LSTM_SERVE_METRICS=off)."""
     pattern = r"serving \d+ model\(s\) .* on [\d.]+:(\d+), metrics on [\d.]+:(\d+)"
-    with _process(lstm_serve_argv(model_dir, *flags), pattern, "stderr") as server:
+    with _process(lstm_serve_argv(model_dir, *flags), pattern, "stderr", env) as server:
         yield server

@@ -51,6 +51,7 @@ SERVICE_NAME = lstm_pb2.DESCRIPTOR.services_by_name["LstmService"].full_name
 T = TypeVar("T")
 STORE_CHECK_INTERVAL = 1.0  # seconds between readiness probes of a shared store
 DRAIN_LINGER = 0.25  # seconds the port stays open after the drain, answering UNAVAILABLE
+LAG_SAMPLE_INTERVAL = 0.25  # seconds between two samples of the event loop's lag (lstm_event_loop_lag_seconds)
 
 
 class StartupError(Exception):
@@ -96,6 +97,7 @@ class App:
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._model_watch: asyncio.Task[None] | None = None
+        self._lag_watch: asyncio.Task[None] | None = None
         self._model_health: set[str] = set()
         self._snapshotter: asyncio.Task[None] | None = None
         self._snapshot_writing: asyncio.Future[int] | None = None  # a periodic write in its thread
@@ -182,6 +184,7 @@ class App:
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
+        self._lag_watch = asyncio.create_task(self._watch_loop_lag(), name="loop-lag-watch")
         if s.snapshot is not None and s.snapshot_interval > 0:
             self._snapshotter = asyncio.create_task(self._snapshot_forever(), name="snapshot-writer")
 
@@ -231,7 +234,9 @@ class App:
 
     async def _set_model_health(self) -> None:
         """Health per model, under "lstm.v1.LstmService/<model>": SERVING while a version of it is ready."""
-        ready = {v.info.name for v in self.plane.model_versions() if v.latest}
+        versions = self.plane.model_versions()
+        self.metrics.models_served([(v.info.name, v.info.version, v.info.backend, str(v.state)) for v in versions])
+        ready = {v.info.name for v in versions if v.latest}
         for name in ready | self._model_health:
             status = (
                 health_pb2.HealthCheckResponse.SERVING if name in ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -357,6 +362,18 @@ class App:
             except Exception:  # a bug or an unexpected store error must not end the watch for good
                 log.exception("checking the session store failed")
 
+    async def _watch_loop_lag(self) -> None:
+        """How late the event loop wakes a timer: every request, unary or in a stream, waits that long before any of
+        its code runs, and no per-request timer sees it (they start when the request's code does). Rises with
+        overload long before the loop stops answering. The call gauges are sampled here too."""
+        loop = asyncio.get_running_loop()
+        observe, sample = self.metrics.loop_lag.observe, self.metrics.sample
+        while True:
+            due = loop.time() + LAG_SAMPLE_INTERVAL
+            await asyncio.sleep(LAG_SAMPLE_INTERVAL)
+            observe(max(0.0, loop.time() - due))
+            sample()  # the call gauges, at the same pace
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
@@ -386,7 +403,7 @@ class App:
             await asyncio.sleep(max(0.0, min(DRAIN_LINGER, grace - (time.monotonic() - started))))
         if self._server is not None:
             await self._server.stop(0.5)
-        for task in (self._sweeper, self._watcher, self._snapshotter, self._model_watch):
+        for task in (self._sweeper, self._watcher, self._snapshotter, self._model_watch, self._lag_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):  # nothing may cost the snapshot

@@ -155,10 +155,10 @@ class Stepper:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[StepOutcome] = loop.create_future()
         if not self._turn:
+            self._gather_started = time.perf_counter()
             if self._max_wait > 0:  # --max-batch-wait: more company for a batch, at this much latency
                 loop.call_later(self._max_wait, self._flush)
             else:
-                self._gather_started = time.perf_counter()
                 self._gathered = self._idle_turns = 0
                 loop.call_soon(self._gather)
         self._turn.append((tenant, item, future))
@@ -182,6 +182,7 @@ class Stepper:
 
     def _flush(self) -> None:
         turn, self._turn = self._turn, []
+        arrived = self._gather_started
         batches: dict[str, tuple[list[StepItem], list[asyncio.Future[StepOutcome]]]] = {}
         for tenant, item, future in turn:
             if future.done():
@@ -193,7 +194,7 @@ class Stepper:
             items.append(item)
             futures.append(future)
         for tenant, (items, futures) in batches.items():
-            self._spawn(self._settle(futures, self.step_batch(items, tenant)))
+            self._spawn(self._settle(futures, self.step_batch(items, tenant, arrived)))
 
     async def _alone_outcomes(self, item: StepItem, tenant: str) -> list[Outcome]:
         try:
@@ -240,8 +241,9 @@ class Stepper:
             raise LimitExceeded(f"{total} time steps in one request; the limit is {self._max_steps}")
         return await self.step_batch(items, tenant)
 
-    async def step_batch(self, items: Sequence[StepItem], tenant: str) -> list[Outcome]:
-        """Every item's outcome, in order."""
+    async def step_batch(self, items: Sequence[StepItem], tenant: str, arrived: float | None = None) -> list[Outcome]:
+        """Every item's outcome, in order; `arrived`: when the first of them reached the step path (perf_counter),
+        for the wait the step latency metrics report."""
         out: list[Outcome | None] = [None] * len(items)
         mine: dict[str, int] = {}  # key -> the item this call holds the key's lock for
         queued: list[int] = []  # items that wait for their key's lock, in order
@@ -259,7 +261,7 @@ class Stepper:
         try:
             try:
                 if mine:
-                    await self._held(items, mine, out)
+                    await self._held(items, mine, out, arrived)
             finally:
                 for key in mine:
                     self.locks.release(key)
@@ -271,8 +273,12 @@ class Stepper:
                 task.cancel()
         return [o if o is not None else RuntimeError("step left unanswered") for o in out]
 
-    async def _held(self, items: Sequence[StepItem], mine: dict[str, int], out: list[Outcome | None]) -> None:
+    async def _held(
+        self, items: Sequence[StepItem], mine: dict[str, int], out: list[Outcome | None], arrived: float | None
+    ) -> None:
         """The items whose locks this call holds: read together, computed together, committed together."""
+        started = time.perf_counter()
+        wait = started - arrived if arrived is not None else 0.0
         try:
             found = await self.store.load(list(mine), fresh=False)
         except LstmServeError as exc:
@@ -311,9 +317,11 @@ class Stepper:
             jobs.setdefault(info.key, []).append(_Job(i, key, session, xs, single, input_digest(xs)))
         writes: list[tuple[_Job, F32, StepWrite]] = []
         now = self.store.now()
+        computed: list[tuple[str, int, float]] = []  # (model, steps, compute seconds) per model version
         for version_key, group in jobs.items():
             batcher = self._batchers[version_key]
             shape = batcher.model.info.state_shape
+            begun = time.perf_counter()
             try:
                 results = await batcher.submit_many(
                     [j.xs for j in group], [j.session.state_array(shape) for j in group]
@@ -322,6 +330,7 @@ class Stepper:
                 for j in group:
                     out[j.item] = exc
                 continue
+            computed.append((version_key[0], len(group), time.perf_counter() - begun))
             for j, (ys, state, finite) in zip(group, results, strict=True):
                 if not finite:
                     try:
@@ -333,8 +342,12 @@ class Stepper:
                 outputs = ys[0] if j.single else ys
                 after = j.session.stepped(items[j.item].seq, state, outputs, j.digest, now)
                 writes.append((j, outputs, StepWrite(j.session, after)))
+        committing = time.perf_counter()
         if writes:
             await self._commit(items, writes, out, general)
+        store = time.perf_counter() - committing
+        for model, size, compute in computed:
+            self.metrics.batch_timing(model, size, wait, compute, store)
         if general:
             done = await asyncio.gather(
                 *(self._general(items[i], key, session, lost) for i, key, session, lost in general),

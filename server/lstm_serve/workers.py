@@ -114,12 +114,13 @@ class Supervisor:
         from prometheus_client import CollectorRegistry, Info, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from lstm_serve import __version__
+        from lstm_serve.metrics import build_labels, enabled_by_environment
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
+        metrics = "on" if enabled_by_environment() else "off"
         Info("lstm_build", "Version of the running server.", registry=registry).info(
-            {"version": __version__, "workers": str(s.workers)}
+            build_labels() | {"workers": str(s.workers), "metrics": metrics}
         )
         server, _ = start_http_server(s.metrics_port, addr=s.metrics_host, registry=registry)
         return int(server.server_port)

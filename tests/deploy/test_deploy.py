@@ -18,10 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
+import yaml
 
-from lstm_client import Client
+from lstm_client import Client, InvalidArgument, ServerError
+from lstm_client._proto.lstm.v1 import lstm_pb2, lstm_pb2_grpc
+from lstm_client.tensor import to_tensor
 from tests.golden import REPO
 from tests.procs import free_port, require
 from tests.servers import RunningServer
@@ -33,6 +37,12 @@ RATE_WINDOW = "30s"  # stands in for Grafana's $__rate_interval
 def _dashboard() -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads((DEPLOY / "grafana" / "dashboards" / "lstm-serve.json").read_text())
     return loaded
+
+
+def _alerts() -> dict[str, str]:
+    """alerts.yml's alerts: name -> expression."""
+    loaded = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return {rule["alert"]: rule["expr"] for group in loaded["groups"] for rule in group["rules"]}
 
 
 def _dashboard_exprs() -> list[str]:
@@ -94,7 +104,7 @@ def test_promtool_accepts_config_and_rules() -> None:
         [promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")], capture_output=True, text=True
     )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 7 rules found" in rules.stdout
+    assert f"SUCCESS: {len(_alerts())} rules found" in rules.stdout
 
 
 def test_promtool_accepts_the_live_metrics(server: RunningServer, client: Client) -> None:
@@ -185,6 +195,7 @@ def test_prometheus_scrapes_the_server_and_every_expression_evaluates(
     for expr in _dashboard_exprs():
         data = _api(prometheus, "query", query=expr.replace("$__rate_interval", RATE_WINDOW))
         assert data["resultType"] == "vector", expr
+        assert data["result"], f"no series for the dashboard expression {expr}"
 
     deadline = time.monotonic() + 30
     while True:  # wait until every rule has been evaluated at least once
@@ -194,6 +205,101 @@ def test_prometheus_scrapes_the_server_and_every_expression_evaluates(
             break
         assert time.monotonic() < deadline, rules
         time.sleep(0.5)
-    assert len(rules) == 7
+    assert len(rules) == len(_alerts()) == 10
     bad = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
     assert bad == {}
+
+
+def _firing(prometheus: str, alert: str) -> list[Any]:
+    """The alert's expression, evaluated now: the series it would fire for (after its `for:`)."""
+    result: list[Any] = _api(prometheus, "query", query=_alerts()[alert])["result"]
+    return result
+
+
+def _until(prometheus: str, query: str, seconds: float = 30) -> list[Any]:
+    """Polls a query (bounded) until it has a result: Prometheus scrapes every second here."""
+    deadline = time.monotonic() + seconds
+    while not (found := _api(prometheus, "query", query=query)["result"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert found, f"no result within {seconds:g} s for {query}"
+    result: list[Any] = found
+    return result
+
+
+def _until_firing(prometheus: str, alert: str) -> list[Any]:
+    return _until(prometheus, _alerts()[alert])
+
+
+def _stream(server: RunningServer, requests: list[lstm_pb2.StepRequest]) -> list[lstm_pb2.StepReply]:
+    with grpc.insecure_channel(server.target) as channel:
+        return list(lstm_pb2_grpc.LstmServiceStub(channel).StreamSteps(iter(requests), timeout=60))  # type: ignore[no-untyped-call]
+
+
+def _step(session_id: str, seq: int, x: np.ndarray) -> lstm_pb2.StepRequest:
+    return lstm_pb2.StepRequest(session_id=session_id, seq=seq, inputs=to_tensor(x))
+
+
+def test_alerts_tell_caller_faults_from_server_faults_and_see_overload(
+    prometheus: str, server: RunningServer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Faults injected into a running server, one kind at a time, each seen by the alert meant for it (its expression
+    non-empty in a real Prometheus scraping the server) and not by the others."""
+    model = "golden_l3_head"  # input size 4; small, so it computes on the event loop
+    _until(prometheus, 'up{job="lstm-serve"} == 1')  # scraped once before any fault: rates start from there
+    with client.create_session(model) as session:  # healthy traffic first
+        for _ in range(20):
+            session.step(np.zeros(4))
+    _until(prometheus, f"sum(rate(lstm_steps_total[{RATE_WINDOW}])) > 0")
+    for alert in ("LstmServeServerErrors", "LstmServeCallerErrors", "LstmServeInternalErrors"):
+        assert _firing(prometheus, alert) == [], alert
+
+    # 1. The caller's mistakes: wrong input sizes (INVALID_ARGUMENT), steps of sessions that do not exist, in-band.
+    with client.create_session(model) as session:
+        for _ in range(30):
+            with pytest.raises(InvalidArgument):
+                session.step(np.zeros(5))
+    replies = _stream(server, [_step("no-such-session", 1, np.zeros(4)) for _ in range(30)])
+    assert {r.error.code for r in replies} == {grpc.StatusCode.NOT_FOUND.value[0]}
+    _until_firing(prometheus, "LstmServeCallerErrors")
+    assert _firing(prometheus, "LstmServeServerErrors") == []  # INVALID_ARGUMENT is no server error
+    assert _firing(prometheus, "LstmServeInternalErrors") == []
+
+    # 2. A failing backend, seen first in a stream only (answered in-band), then by a unary call.
+    backend = server.app.plane.model(model).backend
+
+    def failing(*args: object) -> object:
+        raise RuntimeError("simulated backend failure (test)")
+
+    with client.create_session(model) as session:
+        monkeypatch.setattr(backend, "step", failing)
+        replies = _stream(server, [_step(session.id, 1, np.zeros(4))])
+        assert [r.error.code for r in replies] == [grpc.StatusCode.INTERNAL.value[0]]
+        _until_firing(prometheus, "LstmServeInternalErrors")
+        _until_firing(prometheus, "LstmServeServerErrors")
+        with pytest.raises(ServerError):
+            session.step(np.zeros(4))
+        monkeypatch.undo()
+        session.step(np.zeros(4))
+
+    # 3. Overload: a backend that takes 0.2 s a step, on the event loop, delays stream requests and the loop alike.
+    slow_step = backend.step
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.2)
+        return slow_step(*args)
+
+    with client.create_session(model) as streamed, client.create_session(model) as session:
+        monkeypatch.setattr(backend, "step", slow)
+        replies = _stream(server, [_step(streamed.id, seq, np.zeros(4)) for seq in range(1, 11)])
+        assert [r.error.code for r in replies] == [0] * 10
+        for _ in range(5):
+            session.step(np.zeros(4))
+        monkeypatch.undo()
+    _until_firing(prometheus, "LstmServeStreamRequestLatencyHigh")
+    _until_firing(prometheus, "LstmServeOverloaded")
+    _until_firing(prometheus, "LstmServeStepLatencyHigh")
+
+    # and every dashboard expression has data after this traffic
+    for expr in _dashboard_exprs():
+        data = _api(prometheus, "query", query=expr.replace("$__rate_interval", RATE_WINDOW))
+        assert data["result"], f"no series for the dashboard expression {expr}"

@@ -255,7 +255,15 @@ def test_metrics_count_oip_calls_like_lstm_v1_calls(server: RunningServer) -> No
 
     assert delta("lstm_rpcs_total", method="ModelInfer", code="OK") == 1
     assert delta("lstm_rpcs_total", method="ModelStreamInfer", code="OK") == 1
-    assert delta("lstm_rpcs_total", method="ModelStreamInfer.request", code="OK") == 1
+    assert delta("lstm_stream_requests_total", method="ModelStreamInfer", code="OK") == 1
+    assert delta("lstm_stream_request_seconds_count", method="ModelStreamInfer") == 1
+    oip_labels = {"grpc_service": "inference.GRPCInferenceService", "grpc_type": "unary"}
+    assert delta("grpc_server_handled_total", grpc_method="ModelInfer", grpc_code="OK", **oip_labels) == 1
+    assert delta("grpc_server_handled_total", grpc_method="ModelMetadata", grpc_code="NOT_FOUND", **oip_labels) == 1
+    stream_labels = {**oip_labels, "grpc_type": "bidi_stream", "grpc_method": "ModelStreamInfer"}
+    assert delta("grpc_server_msg_received_total", **stream_labels) == 1
+    assert delta("grpc_server_msg_sent_total", **stream_labels) == 1
+    assert delta("grpc_server_handled_total", grpc_code="OK", **stream_labels) == 1
     assert delta("lstm_rpcs_total", method="ModelMetadata", code="NOT_FOUND") == 1
     assert delta("lstm_steps_total", model="golden_l2_wide") == 4
     assert delta("lstm_sessions_created_total", model="golden_l2_wide") == 1

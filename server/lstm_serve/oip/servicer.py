@@ -13,7 +13,6 @@ Without lstm_seq a request is the session's next step, so a resend is applied ag
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 STREAM_WINDOW = 256  # requests of one stream in flight (computing or waiting to be sent) at most
-STREAM_REQUEST = "ModelStreamInfer.request"  # the method label of a stream's requests in metrics and logs
+STREAM_REQUEST = "ModelStreamInfer.request"  # the method field of a stream request's log lines
 
 
 class OipServicer:
@@ -63,7 +62,7 @@ class OipServicer:
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
-                self.calls.unary(name, message_type, handler), response_serializer=_serialize
+                self.calls.unary(name, message_type, handler, service=SERVICE), response_serializer=_serialize
             )
             for name, (message_type, handler) in unary.items()
         }
@@ -114,17 +113,22 @@ class OipServicer:
         requests of different sequences batch together, those of one sequence keep their order."""
         rid, tenant = request_id(context), TENANT.get()
 
-        async def answer(data: bytes, replies: StreamReplies[pb.ModelStreamInferResponse]) -> None:
-            replies.answer(await self._stream_request(data, rid, tenant))
+        async def answer(data: bytes, replies: StreamReplies[pb.ModelStreamInferResponse], arrived: float) -> None:
+            replies.answer(*await self._stream_request(data, rid, tenant), arrived)
 
         def take(data: bytes, replies: StreamReplies[pb.ModelStreamInferResponse]) -> None:
-            replies.spawn(answer(data, replies))  # a sequence's requests take several data plane calls: a task each
+            # a sequence's requests take several data plane calls: a task each
+            replies.spawn(answer(data, replies, replies.arrived))
 
-        async for reply in self.calls.stream("ModelStreamInfer", requests, context, take, STREAM_WINDOW):
+        async for reply in self.calls.stream(
+            "ModelStreamInfer", requests, context, take, STREAM_WINDOW, service=SERVICE
+        ):
             yield reply
 
-    async def _stream_request(self, data: bytes, rid: str | None, tenant: str) -> pb.ModelStreamInferResponse:
-        start = time.perf_counter()
+    async def _stream_request(
+        self, data: bytes, rid: str | None, tenant: str
+    ) -> tuple[pb.ModelStreamInferResponse, grpc.StatusCode]:
+        """A stream request's answer and its in-band code (counted and timed by StreamReplies.answer)."""
         code = grpc.StatusCode.OK
         request: pb.ModelInferRequest | None = None
         try:
@@ -139,8 +143,7 @@ class OipServicer:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", STREAM_REQUEST, extra={"method": STREAM_REQUEST, "request_id": rid})
             reply = _stream_error(request, INTERNAL_MESSAGE, code, "internal")
-        self.calls.finished(STREAM_REQUEST, code, start)
-        return reply
+        return reply, code
 
     async def infer(self, request: pb.ModelInferRequest, tenant: str) -> pb.ModelInferResponse:
         info = self._model(request.model_name, request.model_version)

@@ -58,7 +58,7 @@ class AdminServicer:
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
-                self.calls.unary(name, message_type, handler),
+                self.calls.unary(name, message_type, handler, service=SERVICE),
                 response_serializer=lstm_pb2.ModelAdminResponse.SerializeToString,
             )
             for name, (message_type, handler) in unary.items()

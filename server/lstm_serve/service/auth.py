@@ -202,17 +202,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             message = "this server requires a bearer token: send the metadata 'authorization: Bearer <token>'"
         else:
             message = "the bearer token is not valid here"
-        return self._refusal(handler, method.rsplit("/", 1)[-1], Unauthenticated(message))
+        return self._refusal(handler, method, Unauthenticated(message))
 
-    def _refusal(self, handler: Handler, method: str, exc: Unauthenticated) -> Handler:
+    def _refusal(self, handler: Handler, full_method: str, exc: Unauthenticated) -> Handler:
         """A handler of the same shape as `handler` (unary or streaming) that answers `exc` without reading."""
         calls = self.calls
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        kind = "bidi_stream" if handler.request_streaming and handler.response_streaming else "unary"
+        series = calls.metrics.grpc_series(service, method, kind)
 
         async def refuse(request: object, context: Context) -> None:
             start = time.perf_counter()
+            series.started.inc()
             code = status_code(exc)
             calls.refused(method, None, request_id(context), code, f"{exc.message} (from {context.peer()})")
-            calls.finished(method, code, start)
+            calls.finished(method, code, start, series)
             context.set_trailing_metadata(error_metadata(code, exc))
             await context.abort(code, exc.message)
 

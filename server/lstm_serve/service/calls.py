@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError, Message
 
 from lstm_serve.errors import InvalidInput, LimitExceeded, LstmServeError, RateLimited, ShuttingDown
 from lstm_serve.logs import RateLimitedLog
-from lstm_serve.metrics import Metrics
+from lstm_serve.metrics import GrpcSeries, Metrics, StreamSeries
 from lstm_serve.service.status import INTERNAL_MESSAGE, error_metadata, status_code
 from lstm_serve.token_bucket import TokenBucket
 
@@ -113,6 +113,7 @@ class Calls:
         self._idle.set()
         self._refusals = RateLimitedLog(log, per_second=20.0, burst=100)
         self._rates = TenantRates(limits.tenant_rate, limits.tenant_burst) if limits.tenant_rate > 0 else None
+        metrics.watch_calls(lambda: self._in_flight, lambda: len(self._streams), lambda: float(self.draining))
 
     # --- admission ----------------------------------------------------------------------------------------------
 
@@ -190,12 +191,21 @@ class Calls:
     # --- one call -----------------------------------------------------------------------------------------------
 
     def unary(
-        self, method: str, message_type: type[Req], handler: Callable[[Req, Context], Awaitable[Resp]]
+        self,
+        method: str,
+        message_type: type[Req],
+        handler: Callable[[Req, Context], Awaitable[Resp]],
+        *,
+        service: str = "",
     ) -> Callable[[bytes, Context], Awaitable[Resp]]:
-        """The grpc behaviour of a unary method: raw bytes in, the handler's reply out."""
+        """The grpc behaviour of a unary method: raw bytes in, the handler's reply out. `service`: the full service
+        name, for the grpc_server_* series."""
+        series = self.metrics.grpc_series(service, method, "unary")
 
         async def behaviour(data: bytes, context: Context) -> Resp:
             start = time.perf_counter()
+            series.started.inc()
+            series.received.inc()
             code = grpc.StatusCode.OK
             counted: float | None = None
             request: Req | None = None
@@ -204,14 +214,16 @@ class Calls:
                 self.enter(peer)
                 try:
                     request = parse(message_type, data)
-                    return await handler(request, context)
+                    reply = await handler(request, context)
+                    series.sent.inc()
+                    return reply
                 finally:
                     self.leave(peer)
             except LstmServeError as exc:
                 code = status_code(exc)
                 context.set_trailing_metadata(error_metadata(code, exc, request))
                 self.refused(method, request, request_id(context), code, exc.message)
-                counted = self.finished(method, code, start)  # before the client can see the status (and scrape)
+                counted = self.finished(method, code, start, series)  # before the client sees the status (and scrapes)
                 await context.abort(code, exc.message)
                 raise  # abort() raises; this line only satisfies the type checker
             except asyncio.CancelledError:
@@ -220,13 +232,13 @@ class Calls:
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 self.failed(method, request, context)
-                counted = self.finished(method, code, start)
+                counted = self.finished(method, code, start, series)
                 context.set_trailing_metadata(error_metadata(code, None, request))
                 await context.abort(code, INTERNAL_MESSAGE)
                 raise
             finally:
                 if counted is None:
-                    self.finished(method, code, start)
+                    self.finished(method, code, start, series)
 
         return behaviour
 
@@ -239,37 +251,47 @@ class Calls:
         window: int,
         *,
         on_end: Callable[[grpc.StatusCode], None] | None = None,
+        service: str = "",
     ) -> AsyncIterator[Resp]:
         """The grpc behaviour of a stream of independent requests, each answered in-band. `take(data, replies)`
-        starts a request's work and returns at once; the work answers with `replies.answer(reply)`, exactly once,
-        from a future's callback (no task per request) or from `replies.spawn`. Requests are taken as they arrive,
-        at most `window` unanswered, and answered as they finish; what must stay in order (one session's steps) is
-        ordered by the data plane. The stream is admitted like a call; each request pays its tenant's rate in
-        `take`.
+        starts a request's work and returns at once; the work answers with `replies.answer(reply, code, arrived)`,
+        exactly once, from a future's callback (no task per request) or from `replies.spawn`. Requests are taken as
+        they arrive, at most `window` unanswered, and answered as they finish; what must stay in order (one
+        session's steps) is ordered by the data plane. The stream is admitted like a call; each request pays its
+        tenant's rate in `take`.
 
         A stream that stops being read (the server drains for shutdown, or the stream sat idle past the limit) first
         answers every request it took, then ends with UNAVAILABLE: the client reconnects and resends what was not
         answered. `on_end` is told how the stream ended (OK: the client ended it, having had every answer).
+
+        Each request is timed from its arrival (`replies.arrived` while `take` runs: keep it for the answer) to
+        `replies.answer`, which counts its code (lstm_stream_request_seconds, lstm_stream_requests_total).
         """
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         peer = peer_host(context)
+        series = self.metrics.grpc_series(service, method, "bidi_stream")
+        series.started.inc()
         try:
             self.enter(peer, request=False)
         except LstmServeError as exc:
             code = status_code(exc)
-            self.finished(method, code, start)
+            self.finished(method, code, start, series)
             context.set_trailing_metadata(error_metadata(code, exc))
             await context.abort(code, exc.message)
-        replies: StreamReplies[Resp] = StreamReplies()
+        replies: StreamReplies[Resp] = StreamReplies(self.metrics.stream_series(method))
+        received, sent = series.received.inc, series.sent.inc
 
         async def read() -> None:
             async for data in requests:
+                arrived = time.perf_counter()
+                received()
                 self.stream_received(reader)
                 if replies.unanswered >= window:
                     replies.room.clear()
                     await replies.room.wait()
                 replies.unanswered += 1
+                replies.arrived = arrived
                 take(data, replies)
 
         reader = asyncio.create_task(read())
@@ -281,6 +303,7 @@ class Calls:
                     replies.unanswered -= 1
                     if replies.unanswered < window:
                         replies.room.set()
+                    sent()
                     yield replies.ready_to_send.popleft()
                 if reader.done() and replies.unanswered == 0:
                     break
@@ -317,11 +340,15 @@ class Calls:
             if on_end is not None:
                 on_end(code)
             self.leave(peer)
-            self.finished(method, code, start)
+            self.finished(method, code, start, series)
 
-    def finished(self, method: str, code: grpc.StatusCode, start: float) -> float:
+    def finished(self, method: str, code: grpc.StatusCode, start: float, series: GrpcSeries | None = None) -> float:
+        """Records a call's end: lstm_rpcs_total and its duration, and with `series` the grpc_server_* ones."""
         elapsed = time.perf_counter() - start
         self.metrics.rpc_finished(method, code.name, elapsed)
+        if series is not None:
+            series.handled(code.name).inc()
+            series.seconds.observe(elapsed)
         if code == grpc.StatusCode.OK and log.isEnabledFor(logging.DEBUG):
             log.debug("%s OK", method, extra={"method": method, "duration_ms": round(elapsed * 1e3, 3)})
         return elapsed
@@ -351,16 +378,20 @@ class Calls:
 class StreamReplies(Generic[Resp]):
     """One stream's replies: those ready to send, and how many requests are taken but not answered yet."""
 
-    def __init__(self) -> None:
+    def __init__(self, series: StreamSeries) -> None:
         self.ready_to_send: deque[Resp] = deque()
         self.ready = asyncio.Event()  # a reply was queued, or the request side ended
         self.room = asyncio.Event()  # the window has room again
         self.unanswered = 0
         self.tasks: set[asyncio.Task[None]] = set()  # requests answered by a task of their own
+        self.arrived = 0.0  # time.perf_counter() when the request being taken arrived
+        self._series = series
 
-    def answer(self, reply: Resp) -> None:
+    def answer(self, reply: Resp, code: grpc.StatusCode, arrived: float) -> None:
+        """Queues a request's answer; `code` is its in-band outcome, `arrived` the request's `self.arrived`."""
         self.ready_to_send.append(reply)
         self.ready.set()
+        self._series.answered(code.name, time.perf_counter() - arrived)
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Runs `work` (which answers) as a task, cancelled if the stream ends first."""

@@ -57,7 +57,7 @@ class LstmServicer:
         serialize = lstm_pb2.StepReply.SerializeToString
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
-                self.calls.unary(name, message_type, handler), response_serializer=_serialize
+                self.calls.unary(name, message_type, handler, service=SERVICE), response_serializer=_serialize
             )
             for name, (message_type, handler) in unary.items()
         }
@@ -231,7 +231,9 @@ class LstmServicer:
         bound = _bound_sessions(context)  # sessions closed with the stream (lstm-bind-sessions: 1)
         take = functools.partial(self._take, request_id(context), tenant, bound)
         on_end = None if bound is None else functools.partial(self._release_bound, bound, tenant)
-        async for reply in self.calls.stream("StreamSteps", requests, context, take, STREAM_WINDOW, on_end=on_end):
+        async for reply in self.calls.stream(
+            "StreamSteps", requests, context, take, STREAM_WINDOW, on_end=on_end, service=SERVICE
+        ):
             yield reply
 
     def _release_bound(self, bound: set[str], tenant: str, code: grpc.StatusCode) -> None:
@@ -250,6 +252,7 @@ class LstmServicer:
         checked here, then handed to the data plane, whose future's callback answers."""
         request: lstm_pb2.StepRequest | None = None
         reply = lstm_pb2.StepReply()
+        arrived = stream.arrived
         try:
             request = parse(lstm_pb2.StepRequest, data)
             reply.session_id, reply.seq = request.session_id, request.seq
@@ -259,14 +262,14 @@ class LstmServicer:
             if request.steps:
                 if request.session_id or request.seq or request.HasField("inputs"):
                     raise InvalidInput("a request that carries steps names no session of its own")
-                stream.spawn(self._answer_many(request.steps, reply, rid, tenant, stream))
+                stream.spawn(self._answer_many(request.steps, reply, rid, tenant, stream, arrived))
                 return
             x = codec.decode_tensor(request.inputs, "inputs")
         except Exception as exc:
-            self._answer(stream, reply, exc, request, rid)
+            self._answer(stream, reply, exc, request, rid, arrived)
             return
         future = self.plane.submit_step(request.session_id, request.seq, x, tenant=tenant)
-        future.add_done_callback(functools.partial(self._stepped, stream, reply, request, rid, bound, tenant))
+        future.add_done_callback(functools.partial(self._stepped, stream, reply, request, rid, bound, tenant, arrived))
 
     def _stepped(
         self,
@@ -276,6 +279,7 @@ class LstmServicer:
         rid: str | None,
         bound: set[str] | None,
         tenant: str,
+        arrived: float,
         future: asyncio.Future[StepOutcome],
     ) -> None:
         """The callback of a stream request's step: answers it, whatever happened (the stream waits for it)."""
@@ -292,7 +296,7 @@ class LstmServicer:
                     self.plane.bind(bound, reply.session_id, tenant=tenant)
             except Exception as exc:  # a bug: answered INTERNAL rather than left hanging
                 failure = exc
-        self._answer(stream, reply, failure, request, rid)
+        self._answer(stream, reply, failure, request, rid, arrived)
 
     async def _answer_many(
         self,
@@ -301,13 +305,14 @@ class LstmServicer:
         rid: str | None,
         tenant: str,
         stream: StreamReplies[lstm_pb2.StepReply],
+        arrived: float,
     ) -> None:
         try:
             reply.replies.extend(await self._step_many(steps, "StreamSteps.many", rid, tenant))
         except Exception as exc:
-            self._answer(stream, reply, exc, None, rid)
+            self._answer(stream, reply, exc, None, rid, arrived)
             return
-        self._answer(stream, reply, None, None, rid)
+        self._answer(stream, reply, None, None, rid, arrived)
 
     def _answer(
         self,
@@ -316,13 +321,13 @@ class LstmServicer:
         exc: Exception | None,
         request: lstm_pb2.StepRequest | None,
         rid: str | None,
+        arrived: float,
     ) -> None:
         code = grpc.StatusCode.OK
         if exc is not None:
             code = status_code(exc) if isinstance(exc, LstmServeError) else grpc.StatusCode.INTERNAL
             self._answer_error(reply, exc, "StreamSteps.request", request, rid)
-        self.metrics.stream_request(code.name)
-        stream.answer(reply)
+        stream.answer(reply, code, arrived)  # counts the code, times the request
 
 
 BIND_SESSIONS_KEY = "lstm-bind-sessions"

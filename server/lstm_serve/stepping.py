@@ -165,7 +165,8 @@ class Stepper:
         return future
 
     def _gather(self) -> None:
-        """Flushes the batch once `patience` loop turns went by without a new step. gRPC hands a call to its handler
+        """Flushes the batch once `patience` loop turns went by without a new step (the turn the batch began in
+        counting as one). gRPC hands a call to its handler
         over several turns, so concurrent callers' steps trickle in a few turns apart (unary calls especially): a
         batch that found company makes the next one wait PATIENCE turns for more; each lone batch halves that, so a
         lone caller in ping-pong with the server pays one turn. Bounded by GATHER_MAX and max_batch. Under load,
@@ -174,7 +175,7 @@ class Stepper:
         self._idle_turns = 0 if size > self._gathered else self._idle_turns + 1
         self._gathered = size
         waited = time.perf_counter() - self._gather_started
-        if self._idle_turns < self._patience and size < self._max_batch and waited < GATHER_MAX:
+        if self._idle_turns < self._patience - 1 and size < self._max_batch and waited < GATHER_MAX:
             asyncio.get_running_loop().call_soon(self._gather)
             return
         self._patience = PATIENCE if size > 1 else max(1, self._patience // 2)

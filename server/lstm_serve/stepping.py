@@ -189,17 +189,20 @@ class Stepper:
             if future.done():
                 continue
             if item.x.ndim == 2 and len(item.x) > self._inline_max_steps:  # long: alone, never holding short ones
-                self._spawn(self._settle([future], self._alone_outcomes(item, tenant)))
+                self._spawn(self._settle([future], self._alone_outcomes(item, tenant, arrived)))
                 continue
             items, futures = batches.setdefault(tenant, ([], []))
             items.append(item)
             futures.append(future)
         for tenant, (items, futures) in batches.items():
-            self._spawn(self._settle(futures, self.step_batch(items, tenant, arrived)))
+            if len(items) == 1:  # a lone step: the single step's path is the shorter one
+                self._spawn(self._settle(futures, self._alone_outcomes(items[0], tenant, arrived)))
+            else:
+                self._spawn(self._settle(futures, self.step_batch(items, tenant, arrived)))
 
-    async def _alone_outcomes(self, item: StepItem, tenant: str) -> list[Outcome]:
+    async def _alone_outcomes(self, item: StepItem, tenant: str, arrived: float) -> list[Outcome]:
         try:
-            return [await self.step_alone(item, tenant)]
+            return [await self.step_alone(item, tenant, arrived)]
         except Exception as exc:
             return [exc]
 
@@ -392,13 +395,13 @@ class Stepper:
 
     # --- one step -----------------------------------------------------------------------------------------------
 
-    async def step_alone(self, item: StepItem, tenant: str) -> StepOutcome:
+    async def step_alone(self, item: StepItem, tenant: str, arrived: float | None = None) -> StepOutcome:
         """A step on its own: waits for its session's lock (in arrival order), then decides as `_step_locked`."""
         key = session_key(tenant, item.session_id)
         await self.locks.acquire(key)
         try:
             session = await self._load(key, item.session_id, fresh=False)
-            return await self._step_locked(key, item, session, fresh=self.store.authoritative)
+            return await self._step_locked(key, item, session, fresh=self.store.authoritative, arrived=arrived)
         finally:
             self.locks.release(key)
 
@@ -416,7 +419,15 @@ class Stepper:
             self.locks.release(key)
 
     async def _step_locked(
-        self, key: str, item: StepItem, session: Session, *, fresh: bool, attempts: int = 0, gates: bool = False
+        self,
+        key: str,
+        item: StepItem,
+        session: Session,
+        *,
+        fresh: bool,
+        attempts: int = 0,
+        gates: bool = False,
+        arrived: float | None = None,
     ) -> StepOutcome:
         """A session read from a cache may be stale: only "this is the next step" is acted on without asking the
         store, and a step computed from a stale record loses its compare-and-set, which hands back the current
@@ -442,7 +453,9 @@ class Stepper:
                 return StepOutcome(item.session_id, seq, outputs[0] if single else outputs)
             previous = session.state_array(info.state_shape)
             cell = await asyncio.to_thread(model.gate_cell) if gates else None  # Unsupported before anything runs
+            begun = time.perf_counter()
             [(ys, new_state, finite)] = await self._batchers[info.key].submit_many([xs], [previous])
+            compute = time.perf_counter() - begun
             if not finite:
                 raise InvalidInput(OVERFLOW, "inputs")
             trace = None
@@ -450,7 +463,10 @@ class Stepper:
                 trace = await self._offload(info, len(xs), functools.partial(cell.trace, xs, np.array(previous)))
             outputs = ys[0] if single else ys
             after = session.stepped(seq, new_state, outputs, digest, self.store.now())
+            committing = time.perf_counter()
             result = await self._commit_one(StepWrite(session, after))
+            wait = begun - arrived if arrived is not None else 0.0
+            self.metrics.batch_timing(info.name, 1, wait, compute, time.perf_counter() - committing)
             if isinstance(result, Session):
                 self.metrics.child(self.metrics.steps, info.name).inc(len(xs))
                 return StepOutcome(item.session_id, seq, outputs, trace)

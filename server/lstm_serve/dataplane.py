@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -18,13 +17,14 @@ import numpy as np
 
 from lstm_serve import state_blob
 from lstm_serve.batching import Batcher
+from lstm_serve.bound_sessions import StreamBindings
 from lstm_serve.coalesce import Coalescer
 from lstm_serve.engine.cell import F32
 from lstm_serve.engine.forecast import check_forecast_inputs, roll_forward
 from lstm_serve.engine.gates import GateTrace
 from lstm_serve.engine.model import Model, ModelInfo
 from lstm_serve.engine.repository import Repository
-from lstm_serve.errors import InvalidInput, LstmServeError, ModelNotFound, SessionNotFound, StateMismatch
+from lstm_serve.errors import InvalidInput, ModelNotFound, SessionNotFound, StateMismatch
 from lstm_serve.lifecycle import Catalog, ModelLifecycle, Served, Versioning, VersionState, VersionView
 from lstm_serve.metrics import Metrics
 from lstm_serve.sessions import (
@@ -120,8 +120,6 @@ class DataPlane:
         self.catalog.failures = dict(repository.failures)
         self._batchers = self.catalog.batchers  # the step path's lookup, by ModelInfo.key
         self.lifecycle = ModelLifecycle(self.catalog, store, versioning, on_change=self._count_models)
-        self._releases: set[asyncio.Task[None]] = set()  # bound sessions waiting out their grace
-        self._bindings: Counter[str] = Counter()  # session key -> live streams of this process bound to it
         # One store call per loop turn for the commits (and cache misses) of a whole batch: one Redis round trip, not
         # one per session. A store in this process answers at once, so it is called directly.
         self._commit: Callable[[StepWrite], Awaitable[CommitResult]]
@@ -151,6 +149,7 @@ class DataPlane:
             offload=self._compute,
         )
         self._locks = self._stepper.locks  # create, reset and close take a session's lock too
+        self._bound = StreamBindings(store, self._locks, self._load, limits.bound_session_grace)
         self._count_models()
 
     def _batcher_for(self, model: Model) -> Batcher:
@@ -172,8 +171,7 @@ class DataPlane:
             self.metrics.child(self.metrics.steps, name)
 
     async def close(self) -> None:
-        for release in list(self._releases):
-            release.cancel()
+        self._bound.cancel()
         await self._stepper.close()
         await self.catalog.close()
         for coalescer in self._coalescers:
@@ -520,52 +518,12 @@ class DataPlane:
         return await self._create(info, state, session_id, idle_ttl, tenant)
 
     def bind(self, bound: set[str], session_id: str, *, tenant: str = "") -> None:
-        """Binds a session to a stream (`bound`: the stream's sessions) once it has stepped on it."""
-        if session_id not in bound:
-            bound.add(session_id)
-            self._bindings[session_key(tenant, session_id)] += 1
+        """Binds a session to a stream once it has stepped on it (bound_sessions.py)."""
+        self._bound.bind(bound, session_id, tenant)
 
     def release_bound(self, session_ids: set[str], *, tenant: str = "", ended_by_client: bool) -> None:
-        """The stream these sessions were bound to has ended. Ended by the client (it half-closed and had every
-        reply): they are closed now, unless another stream of this process is bound to them too. Otherwise
-        (cancelled, broken, the server draining): after the grace, each one not stepped meanwhile - a client that
-        reconnects resends its unanswered steps at once - is closed. Runs in the background; a session already gone
-        is no error."""
-        grace = 0.0 if ended_by_client else self.limits.bound_session_grace
-        for session_id in session_ids:
-            key = session_key(tenant, session_id)
-            self._bindings[key] -= 1
-            if self._bindings[key] <= 0:
-                del self._bindings[key]
-        task = asyncio.get_running_loop().create_task(self._release(sorted(session_ids), tenant, grace))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    async def _release(self, session_ids: list[str], tenant: str, grace: float) -> None:
-        seen: dict[str, tuple[int, float]] = {}
-        if grace > 0:
-            for session_id in session_ids:
-                try:
-                    session = await self.get_session(session_id, tenant=tenant)
-                except LstmServeError:
-                    continue
-                seen[session_id] = (session.seq, session.created)
-            await asyncio.sleep(grace)
-        for session_id in session_ids if grace == 0 else list(seen):
-            key = session_key(tenant, session_id)
-            await self._locks.acquire(key)
-            try:
-                if self._bindings[key] > 0:
-                    continue  # still bound to another stream of this process: closed when that one ends
-                if grace > 0:
-                    now = await self._load(key, session_id, fresh=True)
-                    if (now.seq, now.created) != seen[session_id]:
-                        continue  # stepped again (a reconnect elsewhere) or created anew: the client is back
-                await self.store.close(key)
-            except LstmServeError:
-                continue  # gone already, or the store is unreachable: its idle TTL ends it
-            finally:
-                self._locks.release(key)
+        """The stream these sessions were bound to has ended: they are closed, now or after the grace."""
+        self._bound.release(session_ids, tenant, ended_by_client)
 
     async def step_with_gates(self, session_id: str, seq: int, x: F32, *, tenant: str = "") -> StepOutcome:
         """`step`, answering also the cell's internals (StepOutcome.gates; stepping.py)."""

@@ -6,8 +6,7 @@ message, and hands them over at once (`submit_many`). Two ways to compute, chose
 - inline (no executor, the default; best for small models, where a thread hop costs more than the step): at once,
   on the loop, in chunks of at most `max_batch`.
 - threaded (an executor; for big models, whose compute should not stall the loop): a worker task takes whatever is
-  queued when it wakes and computes it in the executor; steps arriving meanwhile form the next batch. `max_wait`
-  adds a pause only when the queue already held more than one step, i.e. when busy anyway.
+  queued when it wakes and computes it in the executor; steps arriving meanwhile form the next batch.
 - both (an executor and `inline_max_steps`): a small model computes short requests inline, and requests of more time
   steps than that in the executor, so that a 4096-step request cannot hold the loop (and every other client's step,
   and the health check) for its whole computation.
@@ -44,14 +43,12 @@ class Batcher:
         model: Model,
         *,
         max_batch: int = 64,
-        max_wait: float = 0.0,
         executor: Executor | None = None,
         inline_max_steps: int | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
         self.max_batch = max_batch
-        self.max_wait = max_wait
         self._executor = executor
         self._inline_max_steps = inline_max_steps
         self._on_batch = on_batch
@@ -118,8 +115,6 @@ class Batcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                if self.max_wait > 0 and 1 < len(self._queue) < self.max_batch:
-                    await asyncio.sleep(self.max_wait)
                 batch = [p for p in self._queue[: self.max_batch] if p.future is not None and not p.future.done()]
                 del self._queue[: self.max_batch]
                 if not batch:

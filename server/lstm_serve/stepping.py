@@ -156,8 +156,8 @@ class Stepper:
         future: asyncio.Future[StepOutcome] = loop.create_future()
         if not self._turn:
             self._gather_started = time.perf_counter()
-            if self._max_wait > 0:  # --max-batch-wait: more company for a batch, at this much latency
-                loop.call_later(self._max_wait, self._flush)
+            if self._max_wait > 0 and self._patience > 1:  # --max-batch-wait: a busy step path waits this long
+                loop.call_later(self._max_wait, self._end_gathering)
             else:
                 self._gathered = self._idle_turns = 0
                 loop.call_soon(self._gather)
@@ -178,7 +178,10 @@ class Stepper:
         if self._idle_turns < self._patience - 1 and size < self._max_batch and waited < GATHER_MAX:
             asyncio.get_running_loop().call_soon(self._gather)
             return
-        self._patience = PATIENCE if size > 1 else max(1, self._patience // 2)
+        self._end_gathering()
+
+    def _end_gathering(self) -> None:
+        self._patience = PATIENCE if len(self._turn) > 1 else max(1, self._patience // 2)
         self._flush()
 
     def _flush(self) -> None:

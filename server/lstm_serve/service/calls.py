@@ -34,6 +34,7 @@ from lstm_serve.token_bucket import TokenBucket
 
 log = logging.getLogger("lstm_serve.service")
 
+CANCEL_SETTLE = 0.05  # seconds a stream's end waits for a cancellation in flight, when someone acts on how it ended
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -317,7 +318,12 @@ class Calls:
                     else f"stream idle for {self.limits.stream_idle_timeout:g} s; reconnect when needed"
                 )
             reader.result()  # re-raises a failure of the request side
-            if context.cancelled():  # the client cancelled rather than half-closed: its request side just ended
+            if on_end is not None:
+                # The request side ends alike when the client half-closes and when it cancels; a cancel reaches
+                # this task a moment later (from gRPC's core, through the loop). Whoever acts on how the stream
+                # ended (bound sessions: closed now, or after a grace) waits that moment out.
+                await asyncio.sleep(CANCEL_SETTLE)
+            if context.cancelled():  # the client cancelled rather than half-closed
                 code = grpc.StatusCode.CANCELLED
         except ShuttingDown as exc:
             code = status_code(exc)

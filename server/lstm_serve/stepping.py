@@ -188,20 +188,23 @@ class Stepper:
         turn, self._turn = self._turn, []
         arrived = self._gather_started
         batches: dict[str, tuple[list[StepItem], list[asyncio.Future[StepOutcome]]]] = {}
+        alone: list[tuple[str, StepItem, asyncio.Future[StepOutcome]]] = []  # on the single step's path
         for tenant, item, future in turn:
             if future.done():
                 continue
             if item.x.ndim == 2 and len(item.x) > self._inline_max_steps:  # long: alone, never holding short ones
-                self._spawn(self._settle([future], self._alone_outcomes(item, tenant, arrived)))
+                alone.append((tenant, item, future))
                 continue
             items, futures = batches.setdefault(tenant, ([], []))
             items.append(item)
             futures.append(future)
         for tenant, (items, futures) in batches.items():
             if len(items) == 1:  # a lone step: the single step's path is the shorter one
-                self._spawn(self._settle(futures, self._alone_outcomes(items[0], tenant, arrived)))
+                alone.append((tenant, items[0], futures[0]))
             else:
                 self._spawn(self._settle(futures, self.step_batch(items, tenant, arrived)))
+        for tenant, item, future in alone:
+            self._spawn(self._settle([future], self._alone_outcomes(item, tenant, arrived)))
 
     async def _alone_outcomes(self, item: StepItem, tenant: str, arrived: float) -> list[Outcome]:
         try:

@@ -97,6 +97,7 @@ class App:
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._model_watch: asyncio.Task[None] | None = None
+        self._models_seen: tuple[object, ...] = ()  # the repository's fingerprint the watch compares with
         self._lag_watch: asyncio.Task[None] | None = None
         self._model_health: set[str] = set()
         self._snapshotter: asyncio.Task[None] | None = None
@@ -118,6 +119,8 @@ class App:
         tokens, credentials = self._tokens(), self._credentials()  # before the (slow) models: a bad file stops at once
         admin_tokens = self._admin_tokens()
         policy = VersionPolicy.parse(s.version_policy)
+        if s.model_poll_interval > 0:  # taken before the scan: a version written while it reads is a change to see
+            self._models_seen = await _in_daemon_thread(repo.tree_fingerprint, s.model_dir)
         repository = await _in_daemon_thread(Repository.scan, s.model_dir, frozenset(s.models), policy)
         store = self._store = self._build_store()
         if s.snapshot is not None and isinstance(store, MemorySessionStore):
@@ -249,7 +252,7 @@ class App:
         process runs its own watch, so they all pick up the same versions (see docs/operations.md)."""
         root = self.settings.model_dir
         loop = asyncio.get_running_loop()
-        seen = await loop.run_in_executor(None, repo.tree_fingerprint, root)
+        seen = self._models_seen  # as the repository was before the start's scan
         while True:
             await asyncio.sleep(self.settings.model_poll_interval)
             try:
